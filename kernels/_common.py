@@ -1,0 +1,57 @@
+"""Helpers shared by the Triton launchers."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as (rows, t.shape[-1]) with unit stride along the last dim.
+
+    Any row stride is fine (slices such as ``gate_up[..., :I]`` stay views). Leading dims
+    that cannot be merged into one stride, or a strided last dim, are copied: one extra
+    pass, cheaper than a kernel that addresses every leading dim separately.
+    """
+    n = t.shape[-1]
+    if t.stride(-1) != 1 and n > 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        return t.reshape(-1, n)
+
+
+def row_stride(t2d: torch.Tensor) -> int:
+    # A (1, n) or (0, n) view may report any row stride; the kernel never steps it.
+    return t2d.stride(0) if t2d.shape[0] > 1 else t2d.shape[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, work_items: int, per_sm: int) -> int:
+    """How many programs a grid-stride kernel launches: enough to fill the GPU, no more
+    than there is work; on the CPU (the interpreter runs programs one after another) a few."""
+    if device.type == "cuda":
+        limit = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    else:
+        limit = 4
+    return max(1, min(work_items, limit))
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

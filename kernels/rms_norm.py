@@ -1,0 +1,160 @@
+"""RMSNorm and residual-add + RMSNorm in Triton, forward and backward.
+
+Forward: one program normalises BLOCK_M whole rows held in registers (BLOCK_N >= N), so x
+is read once and y written once; with a residual the sum h = x + r is rounded to the input
+dtype, stored (the next residual add needs it) and normalised in the same pass.
+
+Backward: a persistent grid. Each program walks a contiguous run of rows, writes dx, and
+accumulates its share of dweight in float32 registers; the per-program partial sums are
+reduced afterwards by one ``sum`` over programs. That order is fixed, so the weight
+gradient is bit-for-bit deterministic (no float atomics). rstd is recomputed from h, which
+the backward reads anyway, instead of being saved by the forward.
+
+Numerics follow Hugging Face's LlamaRMSNorm: float32 statistics, the normalised value
+rounded to the input dtype before the weight multiplies it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llama_fast import _alloc
+
+from ._common import as_rows, device_guard, next_pow2, persistent_programs, row_stride
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, H,
+    M, N, stride_x, stride_r, stride_y, stride_h, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
+    xhat = (xf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xhat * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DH, H, W, DX, DW_PARTIAL,
+    M, N, stride_dy, stride_dh, stride_h, stride_dx, eps, rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    # rows_per_program is a multiple of BLOCK_M, so runs of programs never overlap.
+    for offset in range(0, rows_per_program, BLOCK_M):
+        rows = first + offset + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
+        xhat = h * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
+        if HAS_DH:
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        # The forward multiplied the weight by xhat rounded to the input dtype.
+        dw += tl.sum(dy * xhat.to(H.dtype.element_ty).to(tl.float32), axis=0)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
+
+
+# Launch heuristics. A program handles about ELEMENTS_PER_PROGRAM values: whole rows for
+# wide hidden sizes, several rows at once for narrow ones (a 64-wide row alone would leave
+# most lanes idle). About 16 values per thread keeps loads 16 bytes wide without spilling.
+ELEMENTS_PER_PROGRAM = 4096
+VALUES_PER_THREAD = 16
+MAX_WARPS = 16
+BWD_PROGRAMS_PER_SM = 4  # persistent backward: enough resident programs to hide latency
+
+
+def launch_config(n: int) -> dict:
+    block_n = next_pow2(n)
+    block_m = max(1, ELEMENTS_PER_PROGRAM // block_n)
+    warps = max(1, min(MAX_WARPS, block_m * block_n // (32 * VALUES_PER_THREAD)))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
+
+
+def rms_norm_fwd(x, residual, weight, eps):
+    """Registry entry "rms_norm_fwd" (see ``llama_fast.reference.rms_norm_fwd``)."""
+    shape, n = x.shape, x.shape[-1]
+    x2 = as_rows(x)
+    m = x2.shape[0]
+    y = _alloc.empty((m, n), torch.promote_types(x.dtype, weight.dtype), x.device)
+    h = r2 = None
+    if residual is not None:
+        r2 = as_rows(residual)
+        h = _alloc.empty((m, n), x.dtype, x.device)
+    if m:
+        cfg = launch_config(n)
+        with device_guard(x.device):
+            _rms_norm_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+                x2, r2 if r2 is not None else x2, weight, y, h if h is not None else y,
+                m, n, row_stride(x2), row_stride(r2) if r2 is not None else 0, n, n, eps,
+                HAS_RESIDUAL=residual is not None, **cfg,
+            )
+    return y.view(shape), (None if h is None else h.view(shape))
+
+
+def rms_norm_bwd(dy, dh, h, weight, eps):
+    """Registry entry "rms_norm_bwd" (see ``llama_fast.reference.rms_norm_bwd``)."""
+    shape, n = h.shape, h.shape[-1]
+    h2, dy2 = as_rows(h), as_rows(dy)
+    dh2 = as_rows(dh) if dh is not None else None
+    m = h2.shape[0]
+    dx = _alloc.empty((m, n), h.dtype, h.device)
+    if m == 0:
+        return dx.view(shape), torch.zeros_like(weight)
+    cfg = launch_config(n)
+    programs = persistent_programs(h.device, triton.cdiv(m, cfg["BLOCK_M"]), BWD_PROGRAMS_PER_SM)
+    rows_per_program = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), programs) * cfg["BLOCK_M"]
+    programs = triton.cdiv(m, rows_per_program)
+    dw_partial = _alloc.empty((programs, n), torch.float32, h.device)
+    with device_guard(h.device):
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2, dh2 if dh2 is not None else dy2, h2, weight, dx, dw_partial,
+            m, n, row_stride(dy2), row_stride(dh2) if dh2 is not None else 0, row_stride(h2), n, eps,
+            rows_per_program, HAS_DH=dh is not None, **cfg,
+        )
+    return dx.view(shape), dw_partial.sum(0).to(weight.dtype)
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can use, for
+    the hidden sizes we ship (BLOCK_N spans all powers of two a supported size rounds to)."""
+    dtypes = [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")]
+    for block_n in [2**i for i in range(2, 17)]:
+        cfg = launch_config(block_n)
+        warps = cfg.pop("num_warps")
+        for xt, wt in dtypes if block_n == 4096 else dtypes[:1]:
+            yt = "fp32" if "fp32" in (xt, wt) else xt
+            for flag in (False, True):
+                yield _rms_norm_fwd_kernel, {
+                    "X": f"*{xt}", "R": f"*{xt}", "W": f"*{wt}", "Y": f"*{yt}", "H": f"*{xt}",
+                    "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+                    "stride_h": "i32", "eps": "fp32",
+                }, dict(cfg, HAS_RESIDUAL=flag), warps
+                yield _rms_norm_bwd_kernel, {
+                    "DY": f"*{yt}", "DH": f"*{xt}", "H": f"*{xt}", "W": f"*{wt}", "DX": f"*{xt}",
+                    "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_dh": "i32",
+                    "stride_h": "i32", "stride_dx": "i32", "eps": "fp32", "rows_per_program": "i32",
+                }, dict(cfg, HAS_DH=flag), warps
+

@@ -1,0 +1,33 @@
+"""llama_fast: fused Triton and CUDA C++ kernels for Llama-3.
+
+Public API (all autograd-aware ``torch.library`` custom ops; see ``llama_fast.ops``)::
+
+    rms_norm(x, weight, eps=1e-5) -> y
+    add_rms_norm(x, residual, weight, eps=1e-5) -> (y, h)
+    rope_cos_sin(positions, head_dim, theta=500000.0, scaling=None) -> (cos, sin)
+    apply_rope(q, k, cos, sin, *, interleaved=False) -> (q_out, k_out)
+    swiglu(gate, up) -> silu(gate) * up
+    swiglu_fused(gate_up) -> silu(gate_up[..., :I]) * gate_up[..., I:]
+    backend(name)   # "auto" | "torch" | "triton" | "cuda"; also LLAMA_FAST_BACKEND
+    info() -> dict
+
+Importing llama_fast imports torch but not triton: the Triton kernels load on first use.
+"""
+from llama_fast.backends import BackendUnavailableError, backend
+from llama_fast.info import info
+from llama_fast.ops import add_rms_norm, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "add_rms_norm",
+    "apply_rope",
+    "backend",
+    "info",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "swiglu",
+    "swiglu_fused",
+]

@@ -1,0 +1,163 @@
+"""The backend registry: which implementation serves an op on a given tensor.
+
+One table, ``REGISTRY``, maps op -> backend -> "module:function". Implementations are
+imported lazily, the first time they are picked, so ``import llama_fast`` never imports
+Triton (tests must be able to set ``TRITON_INTERPRET=1`` first) nor the CUDA extension.
+
+Backends
+  torch   the float32-accumulating PyTorch reference (``llama_fast.reference``); any device.
+  triton  the Triton kernels (``llama_fast.kernels``); CUDA tensors, or CPU tensors when
+          ``TRITON_INTERPRET=1`` is set (the Triton interpreter, for testing).
+  cuda    the CUDA C++ extension ``llama_fast._C``; CUDA tensors.
+
+``auto`` (the default) picks cuda, then triton, on CUDA tensors, and torch on CPU tensors
+(triton when the interpreter is on). ``backend(name)`` forces one for a block of code, and
+the ``LLAMA_FAST_BACKEND`` variable sets the default; a forced backend that cannot serve an
+input raises ``BackendUnavailableError`` rather than quietly running something else.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = ("auto",) + BACKENDS
+_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+
+_R = "llama_fast.reference"
+_K = "llama_fast.kernels"
+
+# op -> backend -> "module:function". Every op has a torch entry: it is the reference the
+# others are tested against and the fallback when nothing faster can serve.
+REGISTRY: dict[str, dict[str, str]] = {
+    "rms_norm_fwd": {"torch": f"{_R}:rms_norm_fwd", "triton": f"{_K}.rms_norm:rms_norm_fwd"},
+    "rms_norm_bwd": {"torch": f"{_R}:rms_norm_bwd", "triton": f"{_K}.rms_norm:rms_norm_bwd"},
+    "rope_fwd": {"torch": f"{_R}:rope_fwd", "triton": f"{_K}.rope:rope_fwd"},
+    "swiglu_fwd": {"torch": f"{_R}:swiglu_fwd", "triton": f"{_K}.swiglu:swiglu_fwd"},
+    "swiglu_bwd": {"torch": f"{_R}:swiglu_bwd", "triton": f"{_K}.swiglu:swiglu_bwd"},
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve this op on this input."""
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("llama_fast_backend", default=None)
+
+
+def _check_choice(name: str, where: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{where} must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend choice in force: ``backend()``'s, else ``LLAMA_FAST_BACKEND``, else auto."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    return _check_choice(os.environ.get("LLAMA_FAST_BACKEND", "auto") or "auto", "LLAMA_FAST_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force a backend ("auto", "torch", "triton" or "cuda") for the ops called in this block."""
+    token = _forced.set(_check_choice(name, "backend name"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_status(module: str) -> str | None:
+    """None when ``module`` imports, else why not (one line)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def backend_status(name: str) -> str | None:
+    """None when backend ``name`` is installed and usable on some device, else the reason."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        why = _import_status("triton")
+        if why:
+            return f"triton does not import ({why})"
+        if not torch.cuda.is_available() and not triton_interpreter_on():
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, slowly)"
+        return None
+    if name == "cuda":
+        why = _import_status("llama_fast._C")
+        if why:
+            return f"the CUDA extension llama_fast._C is not built ({why})"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU"
+        return None
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def device_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else why not."""
+    why = backend_status(name)
+    if why:
+        return why
+    if name == "torch":
+        return None
+    if device.type == "cuda":
+        return None
+    if name == "triton" and device.type == "cpu" and triton_interpreter_on():
+        return None
+    extra = " (or CPU tensors with TRITON_INTERPRET=1)" if name == "triton" else ""
+    return f"backend {name!r} runs on CUDA tensors{extra}, got a {device.type} tensor"
+
+
+def pick(op: str, device: torch.device) -> str:
+    """The backend that serves ``op`` on ``device`` under the current choice."""
+    impls = REGISTRY[op]
+    choice = current_backend()
+    if choice != "auto":
+        if choice not in impls:
+            raise BackendUnavailableError(f"backend {choice!r} does not implement {op}; it has {sorted(impls)}")
+        why = device_reason(choice, device)
+        if why:
+            raise BackendUnavailableError(f"backend {choice!r} cannot serve {op}: {why}")
+        return choice
+    if device.type == "cuda":
+        order = _AUTO_ORDER_CUDA
+    elif device.type == "cpu" and triton_interpreter_on():
+        order = ("triton", "torch")
+    else:
+        order = ("torch",)
+    for name in order:
+        if name in impls and device_reason(name, device) is None:
+            return name
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def implementation(op: str, name: str) -> Callable:
+    return _load(REGISTRY[op][name])
+
+
+def dispatch(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``."""
+    return implementation(op, pick(op, device))
