@@ -130,9 +130,9 @@ def pick(op: str, device: torch.device) -> str:
     impls = REGISTRY[op]
     choice = current_backend()
     if choice != "auto":
-        if choice not in impls:
-            raise BackendUnavailableError(f"backend {choice!r} does not implement {op}; it has {sorted(impls)}")
         why = device_reason(choice, device)
+        if choice not in impls:
+            why = f"it has no implementation of {op} (backends that do: {sorted(impls)})" + (f"; and {why}" if why else "")
         if why:
             raise BackendUnavailableError(f"backend {choice!r} cannot serve {op}: {why}")
         return choice

@@ -18,14 +18,21 @@ BACKENDS = [name for name in backends.BACKENDS if backends.device_reason(name, D
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """``actual`` (any dtype) against a float64 ``expected``: no NaN, and within tolerance."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 scale: float | None = None) -> None:
+    """``actual`` (any dtype) against a float64 ``expected``: no NaN, and within tolerance.
+
+    The absolute part of the tolerance is relative to ``scale``, by default the largest
+    magnitude in ``expected``; pass the magnitude of the terms a result is computed from
+    when it comes out of a cancellation (it is then much smaller than its inputs).
+    """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
     assert not torch.isnan(a).any(), f"{what}: NaN in the result (an element was not written?)"
     rtol, atol = TOLERANCE[dtype]
-    scale = e.abs().max().item() if e.numel() else 0.0
+    if scale is None:
+        scale = e.abs().max().item() if e.numel() else 0.0
     err = (a - e).abs()
     bound = atol * max(scale, 1e-30) + rtol * e.abs()
     worst = (err - bound).argmax() if err.numel() else None

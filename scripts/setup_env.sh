@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install llama_fast into
+# it, editable, with the extras named in $1 (e.g. "test"). Sourced by run.sh and test.sh.
+#
+# torch==2.13.0 is the CPU build these machines keep on disk; on a GPU machine install the
+# CUDA torch of your choice first and this leaves it alone (any torch >= 2.6 satisfies us).
+# triton==3.6.0 is the release the GPU machines run, so CPU tests exercise the same Triton.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q torch==2.13.0
+fi
+extras="${1:-}"
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/python -m pip install -q "triton==3.6.0" -e "$spec"

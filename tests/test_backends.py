@@ -1,0 +1,103 @@
+"""The registry: how a backend is chosen, forced, refused and reported."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama_fast
+from llama_fast import backends
+from _helpers import DEVICE
+
+
+def test_every_op_has_a_torch_reference():
+    for op, impls in backends.REGISTRY.items():
+        assert "torch" in impls, op
+        for name in impls:
+            assert name in backends.BACKENDS, (op, name)
+
+
+def test_registry_entries_import():
+    """Every registered implementation exists (importing Triton needs no GPU)."""
+    for op, impls in backends.REGISTRY.items():
+        for name in impls:
+            if name == "cuda" and backends.backend_status("cuda"):
+                continue  # the extension is not built here; backend_status says why
+            assert callable(backends.implementation(op, name)), (op, name)
+
+
+def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.pick("rms_norm_fwd", cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backends.pick("rms_norm_fwd", cpu) == "torch"
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="auto on CUDA tensors needs a GPU")
+def test_auto_on_cuda_prefers_compiled_backends():
+    expected = "cuda" if backends.backend_status("cuda") is None else "triton"
+    assert backends.pick("rms_norm_fwd", DEVICE) == expected
+
+
+def test_context_manager_forces_and_restores():
+    assert backends.current_backend() == "auto"
+    with llama_fast.backend("torch"):
+        assert backends.current_backend() == "torch"
+        assert backends.pick("swiglu_fwd", DEVICE) == "torch"
+        with llama_fast.backend("auto"):
+            assert backends.current_backend() == "auto"
+        assert backends.current_backend() == "torch"
+    assert backends.current_backend() == "auto"
+
+
+def test_context_manager_restores_after_an_exception():
+    with pytest.raises(RuntimeError), llama_fast.backend("torch"):
+        raise RuntimeError("boom")
+    assert backends.current_backend() == "auto"
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "torch")
+    assert backends.pick("rope_fwd", DEVICE) == "torch"
+    with llama_fast.backend("auto"):  # the context manager wins over the variable
+        assert backends.current_backend() == "auto"
+
+
+def test_bad_backend_names_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        with llama_fast.backend("cudnn"):
+            pass
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "tritonn")
+    with pytest.raises(ValueError, match="LLAMA_FAST_BACKEND must be one of"):
+        llama_fast.rms_norm(torch.randn(2, 4, device=DEVICE), torch.randn(4, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="needs the CPU as the test device")
+def test_forced_backends_refuse_what_they_cannot_serve(monkeypatch):
+    x, w = torch.randn(2, 4), torch.randn(4)
+    with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        llama_fast.rms_norm(x, w)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with llama_fast.backend("triton"), pytest.raises(llama_fast.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        llama_fast.rms_norm(x, w)
+
+
+def test_info_reports_versions_and_backends():
+    report = llama_fast.info()
+    assert report["torch"] == torch.__version__
+    assert report["triton"] is not None
+    assert set(report["backends"]) == set(backends.BACKENDS)
+    assert report["backends"]["torch"] == {"available": True, "reason": None, "ops": sorted(backends.REGISTRY)}
+    for name, status in report["backends"].items():
+        # Either available or a reason why not: never silent.
+        assert status["available"] == (status["reason"] is None), name
+    assert (report["gpu"] is None) == (not torch.cuda.is_available())
+
+
+def test_import_does_not_import_triton():
+    """The interpreter switch must be settable after ``import llama_fast``."""
+    import subprocess
+    import sys
+
+    code = "import sys, llama_fast; sys.exit('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
