@@ -36,7 +36,7 @@ def _rotate_heads(
     x_row = X + b * stride_xb + s * stride_xs
     o_row = OUT + b * stride_ob + s * stride_os
     for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
+        heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # heads * stride can pass 2^31 for long caches
         mask = (heads < n_heads)[:, None] & pair_ok[None, :]
         x_at = x_row + heads[:, None] * stride_xh
         o_at = o_row + heads[:, None] * stride_oh
