@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 KERNEL_MODULES = (
@@ -77,7 +78,8 @@ def _compile_one(task: tuple) -> dict:
     result = {
         "module": module, "kernel": fn.__name__, "arch": arch, "constexprs": dict(constexprs),
         "num_warps": num_warps, "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
-        "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?", "error": None,
+        "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?",
+        "compile_s": None, "error": None,
     }
     try:
         import triton
@@ -87,21 +89,24 @@ def _compile_one(task: tuple) -> dict:
         full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
         src = triton.compiler.ASTSource(fn=fn, signature=full_signature, constexprs=constexprs)
         ptxas_log = io.StringIO()  # Triton prints it (TRITON_DUMP_PTXAS_LOG) after ptxas runs
+        start = time.perf_counter()
         with contextlib.redirect_stdout(ptxas_log):
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        result["compile_s"] = round(time.perf_counter() - start, 3)
         result["shared"] = int(compiled.metadata.shared)
         result.update(_cuobjdump_usage(compiled.asm["cubin"]))
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log.getvalue())
         if spills:
             result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
-    except Exception:  # noqa: BLE001 - any failure is a result to report, not a crash
-        result["error"] = traceback.format_exc(limit=-3)
+    except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
+        # Triton's CompilationError message already points at the kernel source line.
+        result["error"] = "".join(traceback.format_exception_only(e)).strip()
     return result
 
 
 def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES) -> list[dict]:
     """Compile every configuration of ``modules`` for each arch; one dict per (config, arch),
-    in module, config, arch order. Failures carry their traceback in ``"error"``."""
+    in module, config, arch order. A failure's exception message is in ``"error"``."""
     from triton import knobs
 
     if knobs.runtime.interpret:
@@ -151,7 +156,8 @@ def main(argv=None) -> int:
         print(f"\nFAILED {r['kernel']} sm_{r['arch']} types={r['types']} {r['constexprs']} "
               f"num_warps={r['num_warps']}:\n{r['error']}", file=sys.stderr)
     spilling = sum(isinstance(r["spill_stores"], int) and r["spill_stores"] + r["spill_loads"] > 0 for r in results)
-    print(f"\n{len(results)} compiled, {len(failures)} failed, {spilling} spill registers", file=sys.stderr)
+    print(f"\n{len(results)} configurations x archs: {len(failures)} failed, {spilling} spill registers",
+          file=sys.stderr)
     return 1 if failures else 0
 
 
