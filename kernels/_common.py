@@ -10,20 +10,25 @@ import triton
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor, block_m: int = 1) -> torch.Tensor:
     """``t`` viewed as (rows, t.shape[-1]) with unit stride along the last dim.
 
     Any row stride is fine (slices such as ``gate_up[..., :I]`` stay views). Leading dims
     that cannot be merged into one stride, or a strided last dim, are copied: one extra
-    pass, cheaper than a kernel that addresses every leading dim separately.
+    pass, cheaper than a kernel that addresses every leading dim separately. Kernels keep
+    offsets inside a tile of ``block_m`` rows in 32 bits, so a row stride too large for
+    that is copied away too (only absurdly padded views hit it).
     """
     n = t.shape[-1]
     if t.stride(-1) != 1 and n > 1:
         t = t.contiguous()
     try:
-        return t.view(-1, n)
+        rows = t.view(-1, n)
     except RuntimeError:
-        return t.reshape(-1, n)
+        rows = t.reshape(-1, n)
+    if rows.shape[0] > 1 and rows.stride(0) * block_m + n >= 2**31:
+        rows = rows.contiguous()
+    return rows
 
 
 def row_stride(t2d: torch.Tensor) -> int:

@@ -30,21 +30,24 @@ def _rms_norm_fwd_kernel(
     M, N, stride_x, stride_r, stride_y, stride_h, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit arithmetic only for the program's first row (rows * stride can pass 2^31);
+    # offsets inside the tile stay 32-bit, which halves their registers.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    local = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    mask = (local < M - row0)[:, None] & col_ok[None, :]
+    x = tl.load(X + row0 * stride_x + (local[:, None] * stride_x + cols[None, :]), mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(R + row0 * stride_r + (local[:, None] * stride_r + cols[None, :]), mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(H + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
+        tl.store(H + row0 * stride_h + (local[:, None] * stride_h + cols[None, :]), x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
     xhat = (xf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xhat * w[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row0 * stride_y + (local[:, None] * stride_y + cols[None, :]), y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,19 +62,24 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
+    local = tl.arange(0, BLOCK_M)
     # rows_per_program is a multiple of BLOCK_M, so runs of programs never overlap.
     for offset in range(0, rows_per_program, BLOCK_M):
-        rows = first + offset + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
-        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        row0 = first + offset
+        mask = (local < M - row0)[:, None] & col_ok[None, :]
+        h = tl.load(H + row0 * stride_h + (local[:, None] * stride_h + cols[None, :]), mask=mask, other=0.0)
+        h = h.to(tl.float32)
+        dy = tl.load(DY + row0 * stride_dy + (local[:, None] * stride_dy + cols[None, :]), mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
         xhat = h * rstd[:, None]
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
         if HAS_DH:
-            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dh = tl.load(DH + row0 * stride_dh + (local[:, None] * stride_dh + cols[None, :]), mask=mask, other=0.0)
+            dx += dh.to(tl.float32)
+        dx_at = DX + row0 * stride_dx + (local[:, None] * stride_dx + cols[None, :])
+        tl.store(dx_at, dx.to(DX.dtype.element_ty), mask=mask)
         # The forward multiplied the weight by xhat rounded to the input dtype.
         dw += tl.sum(dy * xhat.to(H.dtype.element_ty).to(tl.float32), axis=0)
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
@@ -79,10 +87,12 @@ def _rms_norm_bwd_kernel(
 
 # Launch heuristics. A program handles about ELEMENTS_PER_PROGRAM values: whole rows for
 # wide hidden sizes, several rows at once for narrow ones (a 64-wide row alone would leave
-# most lanes idle). About 16 values per thread keeps loads 16 bytes wide without spilling.
+# most lanes idle). About 16 values per thread keeps loads 16 bytes wide without spilling;
+# 32 warps (the most a block can have) hold a 16384-wide row that way. Wider rows (up to
+# MAX_NORM_SIZE) still work but hold more per thread and spill: a slow path.
 ELEMENTS_PER_PROGRAM = 4096
 VALUES_PER_THREAD = 16
-MAX_WARPS = 16
+MAX_WARPS = 32
 BWD_PROGRAMS_PER_SM = 4  # persistent backward: enough resident programs to hide latency
 
 
@@ -96,15 +106,15 @@ def launch_config(n: int) -> dict:
 def rms_norm_fwd(x, residual, weight, eps):
     """Registry entry "rms_norm_fwd" (see ``llama_fast.reference.rms_norm_fwd``)."""
     shape, n = x.shape, x.shape[-1]
-    x2 = as_rows(x)
+    cfg = launch_config(n)
+    x2 = as_rows(x, cfg["BLOCK_M"])
     m = x2.shape[0]
     y = _alloc.empty((m, n), torch.promote_types(x.dtype, weight.dtype), x.device)
     h = r2 = None
     if residual is not None:
-        r2 = as_rows(residual)
+        r2 = as_rows(residual, cfg["BLOCK_M"])
         h = _alloc.empty((m, n), x.dtype, x.device)
     if m:
-        cfg = launch_config(n)
         with device_guard(x.device):
             _rms_norm_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
                 x2, r2 if r2 is not None else x2, weight, y, h if h is not None else y,
@@ -117,13 +127,13 @@ def rms_norm_fwd(x, residual, weight, eps):
 def rms_norm_bwd(dy, dh, h, weight, eps):
     """Registry entry "rms_norm_bwd" (see ``llama_fast.reference.rms_norm_bwd``)."""
     shape, n = h.shape, h.shape[-1]
-    h2, dy2 = as_rows(h), as_rows(dy)
-    dh2 = as_rows(dh) if dh is not None else None
+    cfg = launch_config(n)
+    h2, dy2 = as_rows(h, cfg["BLOCK_M"]), as_rows(dy, cfg["BLOCK_M"])
+    dh2 = as_rows(dh, cfg["BLOCK_M"]) if dh is not None else None
     m = h2.shape[0]
     dx = _alloc.empty((m, n), h.dtype, h.device)
     if m == 0:
         return dx.view(shape), torch.zeros_like(weight)
-    cfg = launch_config(n)
     programs = persistent_programs(h.device, triton.cdiv(m, cfg["BLOCK_M"]), BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), programs) * cfg["BLOCK_M"]
     programs = triton.cdiv(m, rows_per_program)

@@ -1,8 +1,9 @@
 """SwiGLU, ``silu(gate) * up``, in Triton, forward and backward.
 
-Elementwise over a (rows, N) view with a row stride per tensor, so the two halves of a
-fused gate_up projection (``gate_up[..., :I]`` and ``gate_up[..., I:]``) are read in place
-and the backward writes both gradient halves straight into one (rows, 2I) buffer. silu is
+Elementwise over a (rows, N) view with a row stride per tensor, in BLOCK_M x BLOCK_N
+tiles, so the two halves of a fused gate_up projection (``gate_up[..., :I]`` and
+``gate_up[..., I:]``) are read in place and the backward writes both gradient halves
+straight into one (rows, 2I) buffer. silu is
 computed in float32 and rounded to the input dtype before multiplying ``up``, as eager
 PyTorch does, so the fused kernel matches the unfused module bit for bit in the common
 case. The backward recomputes the sigmoid instead of saving it: one less tensor in memory.
@@ -18,17 +19,34 @@ from ._common import as_rows, device_guard, next_pow2, row_stride
 
 
 @triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: its first row and column (64-bit, as rows * stride can pass
+    2^31), 32-bit offsets inside it, and the mask. A 1-D grid over (row block, column
+    block), because a 2-D grid's second dimension stops at 65535 blocks."""
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    row0 = (pid // col_blocks).to(tl.int64) * BLOCK_M
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_N
+    local_rows = tl.arange(0, BLOCK_M)
+    local_cols = tl.arange(0, BLOCK_N)
+    mask = (local_rows < M - row0)[:, None] & (local_cols < N - col0)[None, :]
+    return row0, col0, local_rows, local_cols, mask
+
+
+@triton.jit
+def _at(P, stride, row0, col0, local_rows, local_cols):
+    return P + (row0 * stride + col0) + (local_rows[:, None] * stride + local_cols[None, :])
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G, U, Y, M, N, stride_g, stride_u, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r0, c0, rows, cols, mask = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
+    g = tl.load(_at(G, stride_g, r0, c0, rows, cols), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(_at(U, stride_u, r0, c0, rows, cols), mask=mask, other=0.0).to(tl.float32)
     silu = (g * tl.sigmoid(g)).to(G.dtype.element_ty).to(tl.float32)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (silu * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(_at(Y, stride_y, r0, c0, rows, cols), (silu * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -36,18 +54,16 @@ def _swiglu_bwd_kernel(
     DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u, stride_dg, stride_du,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r0, c0, rows, cols, mask = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
+    dy = tl.load(_at(DY, stride_dy, r0, c0, rows, cols), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(_at(G, stride_g, r0, c0, rows, cols), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(_at(U, stride_u, r0, c0, rows, cols), mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = (g * sig).to(G.dtype.element_ty).to(tl.float32)
     du = dy * silu
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))  # d silu / dg = sig * (1 + g * (1 - sig))
-    tl.store(DU + rows[:, None] * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
-    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(_at(DU, stride_du, r0, c0, rows, cols), du.to(DU.dtype.element_ty), mask=mask)
+    tl.store(_at(DG, stride_dg, r0, c0, rows, cols), dg.to(DG.dtype.element_ty), mask=mask)
 
 
 # Elementwise and memory-bound: a program moves ELEMENTS_PER_PROGRAM values per tensor,
@@ -64,8 +80,8 @@ def launch_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
 
 
-def _grid(m: int, n: int, cfg: dict) -> tuple[int, int]:
-    return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+def _grid(m: int, n: int, cfg: dict) -> tuple[int]:
+    return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
 
 def swiglu_fwd(gate, up):
@@ -74,9 +90,9 @@ def swiglu_fwd(gate, up):
     y = _alloc.empty(shape, gate.dtype, gate.device)
     if y.numel() == 0:
         return y
-    g2, u2 = as_rows(gate), as_rows(up)
-    m = g2.shape[0]
     cfg = launch_config(n)
+    g2, u2 = as_rows(gate, cfg["BLOCK_M"]), as_rows(up, cfg["BLOCK_M"])
+    m = g2.shape[0]
     with device_guard(gate.device):
         _swiglu_fwd_kernel[_grid(m, n, cfg)](g2, u2, y, m, n, row_stride(g2), row_stride(u2), n, **cfg)
     return y
@@ -88,10 +104,10 @@ def swiglu_bwd(dy, gate, up, dgate, dup):
     n = gate.shape[-1]
     if gate.numel() == 0:
         return
-    dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
+    cfg = launch_config(n)
+    dy2, g2, u2 = (as_rows(t, cfg["BLOCK_M"]) for t in (dy, gate, up))
     dg2, du2 = dgate.view(-1, n), dup.view(-1, n)
     m = g2.shape[0]
-    cfg = launch_config(n)
     with device_guard(gate.device):
         _swiglu_bwd_kernel[_grid(m, n, cfg)](
             dy2, g2, u2, dg2, du2, m, n,

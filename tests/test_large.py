@@ -47,3 +47,12 @@ def test_rope_past_int32():
     x1, x2 = last[..., :64], last[..., 64:]
     expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     assert_close(q_out[0, -2:], expected, torch.bfloat16, "last tokens of q")
+
+
+def test_swiglu_one_row_wider_than_a_2d_grid():
+    """A 1-D input of 2^31+ elements: one row of 2M column blocks (a 2-D grid stops at 65535)."""
+    gate = torch.randn(BIG, device=DEVICE, dtype=torch.bfloat16)
+    up = torch.randn_like(gate)
+    y = llama_fast.swiglu(gate, up)
+    g, u = f64(gate[-5000:]), f64(up[-5000:])
+    assert_close(y[-5000:], torch.nn.functional.silu(g) * u, torch.bfloat16, "last elements of y")
