@@ -28,42 +28,33 @@ def make(shape, dtype, layout):
     raise ValueError(layout)
 
 
-def check_swiglu(backend, gate, up, dtype=None):
-    """Forward and backward (d gate, d up) against float64, random upstream gradient."""
-    dtype = dtype or gate.dtype
-    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+def check_op(backend, op, reference_fn, inputs, dtype=None):
+    """``op(*inputs)`` forward and backward (every input's gradient, with a random upstream
+    gradient) against ``reference_fn`` evaluated in float64."""
+    dtype = dtype or inputs[0].dtype
+    leaves = [t.detach().requires_grad_() for t in inputs]
     with llama_fast.backend(backend):
-        y = llama_fast.swiglu(gate, up)
-    g64, u64 = f64(gate, True), f64(up, True)
-    y64 = reference(g64, u64)
-    assert y.dtype == gate.dtype
+        y = op(*leaves)
+    leaves64 = [f64(t, True) for t in leaves]
+    y64 = reference_fn(*leaves64)
+    assert y.dtype == leaves[0].dtype
     assert_close(y, y64, dtype, "y")
     dy = torch.randn_like(y)
     with llama_fast.backend(backend):
         y.backward(dy)
     y64.backward(f64(dy))
-    assert_close(gate.grad, g64.grad, dtype, "dgate")
-    assert_close(up.grad, u64.grad, dtype, "dup")
-    assert gate.grad.dtype == up.grad.dtype == gate.dtype
+    for i, (leaf, leaf64) in enumerate(zip(leaves, leaves64)):
+        assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == leaf.dtype
+        assert_close(leaf.grad, leaf64.grad, dtype, f"gradient of input {i}")
+
+
+def check_swiglu(backend, gate, up, dtype=None):
+    check_op(backend, llama_fast.swiglu, reference, (gate, up), dtype)
 
 
 def check_swiglu_fused(backend, gate_up, dtype=None):
-    """Forward and backward (one gradient of gate_up's shape) against float64."""
-    dtype = dtype or gate_up.dtype
-    gate_up = gate_up.detach().requires_grad_()
-    with llama_fast.backend(backend):
-        y = llama_fast.swiglu_fused(gate_up)
-    gu64 = f64(gate_up, True)
-    gate64, up64 = gu64.chunk(2, dim=-1)
-    y64 = reference(gate64, up64)
-    assert y.dtype == gate_up.dtype
-    assert_close(y, y64, dtype, "y")
-    dy = torch.randn_like(y)
-    with llama_fast.backend(backend):
-        y.backward(dy)
-    y64.backward(f64(dy))
-    assert gate_up.grad.shape == gate_up.shape and gate_up.grad.dtype == gate_up.dtype
-    assert_close(gate_up.grad, gu64.grad, dtype, "dgate_up")
+    """The gradient is one tensor of gate_up's shape (both halves, no concatenation)."""
+    check_op(backend, llama_fast.swiglu_fused, lambda gu: reference(*gu.chunk(2, dim=-1)), (gate_up,), dtype)
 
 
 # (shape, gate's layout, up's layout): 1-d to 4-d, hidden sizes 1, 3, 37, 1000 and one
