@@ -10,6 +10,6 @@ CUDA backend; until then this is a pure-Python package and installs without nvcc
 from setuptools import setup
 
 setup(
-    packages=["llama_fast", "llama_fast.kernels"],
+    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
 )

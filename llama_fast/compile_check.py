@@ -3,16 +3,45 @@
 Why this exists: the CPU test suite runs the kernels under the Triton interpreter, which
 never lowers them to PTX, so a kernel that fails to compile for a real GPU, needs too much
 shared memory, or spills registers to local memory would pass every CPU test. This tool
-compiles each ``(kernel, signature, constexprs, num_warps)`` that a module in
+compiles each ``(kernel, signature, constexprs, num_warps, launch_hints)`` that a module in
 ``KERNEL_MODULES`` lists in its ``compile_configs()`` for each target architecture and
 reports what the GPU would get: shared memory (Triton's metadata), registers and stack
 frame (``cuobjdump --dump-resource-usage``) and spill bytes (the ``ptxas -v`` log Triton
 writes while compiling; cuobjdump does not report spills).
 
-    python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE]
+    python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
 
-Exits 1 if any configuration fails to compile, 2 if TRITON_INTERPRET is on (the
-interpreter replaces the compiler, so there would be nothing to check).
+Two variants of each configuration
+----------------------------------
+A launch does not compile the signature as written. ``JITFunction.run`` (Triton 3.6) passes
+the argument values through a binder (``create_function_from_signature``, which calls
+``native_specialize_impl`` per argument) and ``JITFunction._pack_args``: a pointer whose
+``data_ptr()`` is a multiple of 16 and an integer that is a multiple of 16 (0 included)
+get the attribute ``tt.divisibility=16`` (``ASTSource(attrs=...)``, keyed by
+argument-index tuples like constexprs: ``{(0,): [["tt.divisibility", 16]]}``); an integer
+equal to 1 becomes a constant (signature type ``"constexpr"``, value 1 in the constexprs);
+floats are never specialised. That changes the code a lot: unit strides turn strided
+gathers into vector loads (rope at head_dim 128: about 60 registers instead of 255).
+
+* ``launch``: what a typical Llama-3 launch with contiguous tensors compiles. The fifth
+  element of a configuration, ``launch_hints``, maps integer arguments to 1 (always 1 there,
+  e.g. a last-dim stride) or 16 (a multiple of 16 for Llama shapes: hidden sizes, row
+  strides, ...). Every pointer counts as 16-byte aligned (as ``torch`` allocations are).
+  The specialisation itself is left to Triton: the configuration gets representative
+  fake arguments -- Triton's ``MockTensor`` (``data_ptr() == 0``) per pointer, 1, 16 or 3
+  per integer as hinted -- and they go through the same binder and ``_pack_args`` that a
+  launch uses, so ``signature``, ``constexprs`` and ``attrs`` are exactly the launcher's
+  (a check makes sure the fake values reproduce the written types). What was specialised
+  is recorded per result (``"specialized"``).
+* ``general``: the signature as written, no attributes (misaligned pointers, odd sizes and
+  strides). To keep the check fast it is compiled only for each kernel's first pointer-type
+  combination in ``compile_configs()`` (rms_norm bf16, rope bf16 with fp32 tables, swiglu
+  bf16: the ones that span every block size), for every arch; ``--general-all`` compiles
+  it for every configuration.
+
+The table shows both variants side by side (``L/G``: launch/general; ``-``: not compiled).
+Exits 1 if any compile fails, 2 if TRITON_INTERPRET is on (the interpreter replaces the
+compiler, so there would be nothing to check).
 """
 from __future__ import annotations
 
@@ -72,12 +101,76 @@ def _cuobjdump_usage(cubin: bytes) -> dict:
         return {"registers": "?", "stack": "?"}
 
 
+# Pointer element types of a signature -> a torch dtype for the fake launch argument.
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64", "i8": "int8",
+                 "u8": "uint8", "i16": "int16", "i32": "int32", "i64": "int64", "i1": "bool"}
+# Fake integer arguments: hinted 1, hinted 16, no hint (neither 1 nor a multiple of 16).
+_FAKE_INT = {1: 1, 16: 16, None: 3}
+
+
+def _unpack(config: tuple) -> tuple:
+    fn, signature, constexprs, num_warps, *rest = config
+    return fn, signature, constexprs, num_warps, (rest[0] if rest else {})
+
+
+def _pointer_types(signature: dict) -> tuple:
+    return tuple(t for t in signature.values() if t.startswith("*"))
+
+
+def _variants(module: str, index: int, general_all: bool) -> tuple:
+    """``launch`` always; ``general`` for every config or, by default, for those with the
+    pointer types of their kernel's first configuration."""
+    if general_all:
+        return ("launch", "general")
+    configs = [_unpack(c) for c in _configs(module)]
+    fn, signature = configs[index][:2]
+    first = next(sig for f, sig, *_ in configs if f is fn)
+    return ("launch", "general") if _pointer_types(signature) == _pointer_types(first) else ("launch",)
+
+
+def _launch_specialization(fn, signature: dict, constexprs: dict, num_warps: int, hints: dict, arch: int):
+    """``(signature, constexprs, attrs)`` exactly as Triton's launcher builds them for
+    aligned tensors and integers valued as ``hints`` says (see the module docstring)."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    bad = {k: v for k, v in hints.items() if signature.get(k) not in ("i32", "i64") or v not in (1, 16)}
+    if bad:
+        raise ValueError(f"launch_hints must map i32/i64 arguments to 1 or 16; got {bad}")
+
+    def fake(name, ty):
+        if ty.startswith("*"):
+            return MockTensor(getattr(torch, _TORCH_DTYPES[ty[1:]]))  # data_ptr() == 0: aligned
+        if ty in ("i32", "i64"):
+            value = _FAKE_INT[hints.get(name)]
+            return value + 2**32 if ty == "i64" and value != 1 else value
+        if ty in ("fp32", "fp64"):
+            return 0.5
+        raise ValueError(f"no fake launch value for argument {name} of type {ty}")
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(constexprs, num_warps=num_warps)
+    bound_args, specialization, options = binder(**{n: fake(n, t) for n, t in signature.items()}, **kwargs)
+    _, launch_sig, launch_constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    # The fake values must reproduce the written types, but for the hinted 1s.
+    wrong = {n: (t, launch_sig[n]) for n, t in signature.items()
+             if launch_sig[n] != t and not (launch_sig[n] == "constexpr" and hints.get(n) == 1)}
+    if wrong:
+        raise RuntimeError(f"fake launch arguments changed types (written, launch): {wrong}")
+    return launch_sig, launch_constexprs, attrs
+
+
 def _compile_one(task: tuple) -> dict:
-    module, index, arch = task
-    fn, signature, constexprs, num_warps = _configs(module)[index]
+    module, index, arch, variant = task
+    fn, signature, constexprs, num_warps, hints = _unpack(_configs(module)[index])
     result = {
-        "module": module, "kernel": fn.__name__, "arch": arch, "constexprs": dict(constexprs),
-        "num_warps": num_warps, "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
+        "module": module, "config": index, "variant": variant, "kernel": fn.__name__, "arch": arch,
+        "constexprs": dict(constexprs), "num_warps": num_warps,
+        "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
+        "launch_hints": dict(hints), "specialized": None,
         "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?",
         "compile_s": None, "error": None,
     }
@@ -85,9 +178,18 @@ def _compile_one(task: tuple) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        # Triton 3.6 wants every constexpr in the signature too, typed "constexpr".
-        full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
-        src = triton.compiler.ASTSource(fn=fn, signature=full_signature, constexprs=constexprs)
+        if variant == "launch":
+            full_signature, all_constexprs, attrs = _launch_specialization(
+                fn, signature, constexprs, num_warps, hints, arch)
+            names = fn.arg_names
+            result["specialized"] = {
+                "equal_to_1": [n for n in signature if full_signature[n] == "constexpr"],
+                "divisible_by_16": [names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v],
+            }
+        else:
+            # Triton 3.6 wants every constexpr in the signature too, typed "constexpr".
+            full_signature, all_constexprs, attrs = dict(signature, **{n: "constexpr" for n in constexprs}), constexprs, None
+        src = triton.compiler.ASTSource(fn=fn, signature=full_signature, constexprs=all_constexprs, attrs=attrs)
         ptxas_log = io.StringIO()  # Triton prints it (TRITON_DUMP_PTXAS_LOG) after ptxas runs
         start = time.perf_counter()
         with contextlib.redirect_stdout(ptxas_log):
@@ -104,34 +206,72 @@ def _compile_one(task: tuple) -> dict:
     return result
 
 
-def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES) -> list[dict]:
-    """Compile every configuration of ``modules`` for each arch; one dict per (config, arch),
-    in module, config, arch order. A failure's exception message is in ``"error"``."""
+def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False) -> list[tuple]:
+    """``(module, config index, arch, variant)`` for everything ``check`` compiles, in order."""
+    return [(m, i, arch, v) for m in modules for i in range(len(_configs(m))) for arch in archs
+            for v in _variants(m, i, general_all)]
+
+
+def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES, general_all: bool = False) -> list[dict]:
+    """Compile every configuration of ``modules`` for each arch and variant; one dict per
+    task of ``tasks``, in that order. A failure's exception message is in ``"error"``."""
     from triton import knobs
 
     if knobs.runtime.interpret:
         raise InterpreterEnabledError(
             "TRITON_INTERPRET is set: the Triton interpreter replaces the compiler, so nothing can be "
             "compiled. Unset it (e.g. `env -u TRITON_INTERPRET python -m llama_fast.compile_check`).")
-    tasks = [(m, i, arch) for m in modules for i in range(len(_configs(m))) for arch in archs]
+    todo = tasks(archs, modules, general_all)
+    # Slowest first (the widest rms_norm rows take seconds), so no worker is left with a long tail.
+    order = sorted(range(len(todo)), key=lambda k: -_cost(todo[k]))
     with tempfile.TemporaryDirectory(prefix="llama_fast_compile_check_") as cache_dir:
         # spawn: a fresh interpreter per worker, no forked LLVM/CUDA state.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(jobs or os.cpu_count() or 1, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            return pool.map(_compile_one, tasks, chunksize=1)
+            done = pool.map(_compile_one, [todo[k] for k in order], chunksize=1)
+    results = [None] * len(todo)
+    for k, r in zip(order, done):
+        results[k] = r
+    return results
+
+
+def _cost(task: tuple) -> int:
+    """Rough compile cost for scheduling: values per thread."""
+    fn, _, constexprs, num_warps, _ = _unpack(_configs(task[0])[task[1]])
+    size = 1
+    for name, v in constexprs.items():
+        if name.startswith("BLOCK") and isinstance(v, int) and not isinstance(v, bool):
+            size *= v
+    return size // num_warps
+
+
+def _spill_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    return "FAILED" if r["error"] else f"{r['spill_stores']}/{r['spill_loads']}"
 
 
 def format_table(results: list[dict]) -> str:
+    """One row per (configuration, arch); launch and general variants side by side."""
     def constexprs(r):
         return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["constexprs"].items())
 
-    header = ("kernel", "sm", "types", "constexprs", "warps", "smem", "regs", "stack", "spill st/ld")
-    rows = [header] + [
-        (r["kernel"], str(r["arch"]), r["types"], constexprs(r), str(r["num_warps"]),
-         "FAILED" if r["error"] else str(r["shared"]), str(r["registers"]), str(r["stack"]),
-         f"{r['spill_stores']}/{r['spill_loads']}")
-        for r in results
-    ]
+    def pair(launch, general, key):
+        return "/".join("-" if r is None else "FAILED" if r["error"] else str(r[key]) for r in (launch, general))
+
+    grouped: dict = {}
+    for r in results:
+        grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
+    header = ("kernel", "sm", "types", "constexprs", "warps", "smem", "regs L/G", "stack L/G",
+              "spill st/ld launch", "general")
+    rows = [header]
+    for variants in grouped.values():
+        launch, general = variants.get("launch"), variants.get("general")
+        first = launch or general
+        ok = next((r for r in (launch, general) if r is not None and not r["error"]), None)
+        rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
+                     str(ok["shared"]) if ok else "FAILED", pair(launch, general, "registers"),
+                     pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -141,9 +281,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as a JSON list")
+    parser.add_argument("--general-all", action="store_true",
+                        help="compile the general variant of every configuration, not just one dtype per kernel")
     args = parser.parse_args(argv)
     try:
-        results = check(args.arch, args.jobs)
+        results = check(args.arch, args.jobs, general_all=args.general_all)
     except InterpreterEnabledError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 2
@@ -153,11 +295,12 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
     failures = [r for r in results if r["error"]]
     for r in failures:
-        print(f"\nFAILED {r['kernel']} sm_{r['arch']} types={r['types']} {r['constexprs']} "
+        print(f"\nFAILED {r['kernel']} ({r['variant']}) sm_{r['arch']} types={r['types']} {r['constexprs']} "
               f"num_warps={r['num_warps']}:\n{r['error']}", file=sys.stderr)
-    spilling = sum(isinstance(r["spill_stores"], int) and r["spill_stores"] + r["spill_loads"] > 0 for r in results)
-    print(f"\n{len(results)} configurations x archs: {len(failures)} failed, {spilling} spill registers",
-          file=sys.stderr)
+    spilling = {v: sum(r["variant"] == v and isinstance(r["spill_stores"], int)
+                       and r["spill_stores"] + r["spill_loads"] > 0 for r in results) for v in ("launch", "general")}
+    print(f"\n{len(results)} compiles (configurations x archs x variants): {len(failures)} failed; "
+          f"spilling registers: {spilling['launch']} launch, {spilling['general']} general", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -21,6 +21,7 @@ def test_wheel_contents(tmp_path):
     assert top_level == {"llama_fast"}
     for module in ("rms_norm", "rope", "swiglu"):
         assert f"llama_fast/kernels/{module}.py" in names
+        assert f"llama_fast/ops/{module if module != 'rms_norm' else 'norm'}.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "llama-fast = llama_fast.__main__:main" in entry_points
 
