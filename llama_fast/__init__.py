@@ -8,6 +8,9 @@ Public API (all autograd-aware ``torch.library`` custom ops; see ``llama_fast.op
     apply_rope(q, k, cos, sin, *, interleaved=False) -> (q_out, k_out)
     swiglu(gate, up) -> silu(gate) * up
     swiglu_fused(gate_up) -> silu(gate_up[..., :I]) * gate_up[..., I:]
+    flash_attn(q, k, v, *, causal=True, softmax_scale=None, return_lse=False)
+    flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True, softmax_scale=None)
+    flash_decode(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, num_splits=None)
     backend(name)   # "auto" | "torch" | "triton" | "cuda"; also LLAMA_FAST_BACKEND
     info() -> dict
 
@@ -15,7 +18,18 @@ Importing llama_fast imports torch but not triton: the Triton kernels load on fi
 """
 from llama_fast.backends import BackendUnavailableError, backend
 from llama_fast.info import info
-from llama_fast.ops import add_rms_norm, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
+from llama_fast.ops import (
+    add_rms_norm,
+    apply_rope,
+    flash_attn,
+    flash_attn_varlen,
+    flash_decode,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    swiglu,
+    swiglu_fused,
+)
 
 __version__ = "0.1.0"
 
@@ -24,6 +38,9 @@ __all__ = [
     "add_rms_norm",
     "apply_rope",
     "backend",
+    "flash_attn",
+    "flash_attn_varlen",
+    "flash_decode",
     "info",
     "rms_norm",
     "rope_cos_sin",

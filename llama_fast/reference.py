@@ -93,3 +93,122 @@ def swiglu_bwd(dy, gate, up, dgate, dup):
     dyf = dy.to(F32)
     dup.copy_(dyf * silu.to(gate.dtype).to(F32))
     dgate.copy_(dyf * up.to(F32) * sig * (1.0 + gf * (1.0 - sig)))
+
+
+# ---------------------------------------------------------------------------------------
+# Attention. Explicit float32 math, one query chunk at a time so memory stays bounded
+# (CHUNK_SCORES scores at once), written as the kernels compute it: scores, log-sum-exp,
+# then the output; the backward from the saved log-sum-exp, FlashAttention-style.
+
+CHUNK_SCORES = 2**25
+
+
+def _scores(q, k, i0, sk, sq, causal, scale):
+    """Scaled scores (H, C, Sk) of queries i0.. against all keys, -inf where masked.
+    Causal masks are aligned bottom-right: query i sees keys j <= i + Sk - Sq."""
+    s = torch.einsum("hqd,hkd->hqk", q, k) * scale
+    if causal:
+        rows = torch.arange(i0, i0 + q.shape[1], device=q.device)[:, None]
+        cols = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows + (sk - sq), float("-inf"))
+    return s
+
+
+def _probs(s, lse):
+    # Rows with no visible key have lse = -inf: their probabilities are 0, not NaN.
+    return torch.exp(s - lse[..., None]).nan_to_num(0.0)
+
+
+def _heads_first(x, repeat=1):
+    """(S, H, D) -> float32 (H * repeat, S, D), each head repeated for its query group."""
+    return x.to(F32).transpose(0, 1).repeat_interleave(repeat, dim=0)
+
+
+def _chunks(h, sq, sk):
+    step = max(1, CHUNK_SCORES // max(1, h * sk))
+    return range(0, sq, step), step
+
+
+def _attn_one(q, k, v, causal, scale):
+    """One sequence: q (Sq, Hq, D), k/v (Sk, Hkv, D) -> out (Sq, Hq, D), lse (Hq, Sq)."""
+    sq, hq, _ = q.shape
+    sk, hkv, _ = k.shape
+    qf, kf, vf = _heads_first(q), _heads_first(k, hq // hkv), _heads_first(v, hq // hkv)
+    out = torch.empty(hq, sq, v.shape[-1], dtype=F32, device=q.device)
+    lse = torch.empty(hq, sq, dtype=F32, device=q.device)
+    starts, step = _chunks(hq, sq, sk)
+    for i0 in starts:
+        s = _scores(qf[:, i0 : i0 + step], kf, i0, sk, sq, causal, scale)
+        lse[:, i0 : i0 + step] = torch.logsumexp(s, dim=-1)
+        out[:, i0 : i0 + step] = _probs(s, lse[:, i0 : i0 + step]) @ vf
+    return out.transpose(0, 1).to(q.dtype), lse
+
+
+def _attn_one_bwd(do, q, k, v, o, lse, causal, scale):
+    """Gradients of one sequence from the saved output and log-sum-exp."""
+    sq, hq, _ = q.shape
+    sk, hkv, _ = k.shape
+    group = hq // hkv
+    qf, kf, vf = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
+    dof, of = _heads_first(do), _heads_first(o)
+    delta = (dof * of).sum(-1)  # rowsum(dO * O) = rowsum(P * dP)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    starts, step = _chunks(hq, sq, sk)
+    for i0 in starts:
+        rows = slice(i0, i0 + step)
+        p = _probs(_scores(qf[:, rows], kf, i0, sk, sq, causal, scale), lse[:, rows])
+        dv += p.transpose(1, 2) @ dof[:, rows]
+        ds = p * (dof[:, rows] @ vf.transpose(1, 2) - delta[:, rows, None])
+        dq[:, rows] = ds @ kf * scale
+        dk += ds.transpose(1, 2) @ qf[:, rows] * scale
+
+    def back(x, like):  # (H * group, S, D) -> (S, H, D), summing each query group
+        return x.view(-1, group, *x.shape[1:]).sum(1).transpose(0, 1).to(like.dtype)
+
+    return dq.transpose(0, 1).to(q.dtype), back(dk, k), back(dv, v)
+
+
+def attn_fwd(q, k, v, causal, scale):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32."""
+    outs = [_attn_one(q[b], k[b], v[b], causal, scale) for b in range(q.shape[0])]
+    if not outs:
+        return _alloc.empty(q.shape, q.dtype, q.device), torch.empty(0, q.shape[2], q.shape[1], device=q.device)
+    return torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])
+
+
+def attn_bwd(do, q, k, v, o, lse, causal, scale):
+    grads = [_attn_one_bwd(do[b], q[b], k[b], v[b], o[b], lse[b], causal, scale) for b in range(q.shape[0])]
+    if not grads:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return tuple(torch.stack(g) for g in zip(*grads))
+
+
+def _segments(cu_q, cu_k):
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    return [(slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])) for i in range(len(bounds_q) - 1)]
+
+
+def attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """Packed q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D), lse (Hq, Tq)."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=F32, device=q.device)
+    for rq, rk in _segments(cu_q, cu_k):
+        out[rq], lse[:, rq] = _attn_one(q[rq], k[rk], v[rk], causal, scale)
+    return out, lse
+
+
+def attn_varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rq, rk in _segments(cu_q, cu_k):
+        dq[rq], dk[rk], dv[rk] = _attn_one_bwd(do[rq], q[rq], k[rk], v[rk], o[rq], lse[:, rq], causal, scale)
+    return dq, dk, dv
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+    """q (B, Sq, Hq, D): the last Sq of each sequence's cache_seqlens[b] valid cache entries,
+    attending causally (bottom-right) to them. ``num_splits`` only matters to kernels."""
+    lengths = cache_seqlens.clamp(0, k_cache.shape[1]).tolist()
+    out = [_attn_one(q[b], k_cache[b, :n], v_cache[b, :n], True, scale)[0] for b, n in enumerate(lengths)]
+    return torch.stack(out) if out else _alloc.empty(q.shape, q.dtype, q.device)

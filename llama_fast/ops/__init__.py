@@ -9,11 +9,16 @@ break, and the backend is chosen at run time. Backward passes are custom ops too
 compiled training graphs keep the fused kernels.
 """
 from ._checks import SUPPORTED_DTYPES
+from .attention import MAX_HEAD_DIM, flash_attn, flash_attn_varlen, flash_decode
 from .norm import MAX_NORM_SIZE, add_rms_norm, rms_norm
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .swiglu import swiglu, swiglu_fused
 
 __all__ = [
+    "MAX_HEAD_DIM",
+    "flash_attn",
+    "flash_attn_varlen",
+    "flash_decode",
     "MAX_NORM_SIZE",
     "SUPPORTED_DTYPES",
     "add_rms_norm",
