@@ -1,0 +1,540 @@
+"""Flash attention for Llama-3 in Triton: forward and backward, GQA, causal (bottom-right
+aligned), fixed-length batches and packed variable-length sequences.
+
+Design
+- Layout (B, S, H, D) with any strides (Hugging Face's (B, H, S, D) tensors arrive as
+  transposed views); GQA by indexing: query head h reads kv head h // (Hq / Hkv), K and V
+  are never repeated. Varlen is the same kernel with IS_VARLEN: a sequence's rows come from
+  cu_seqlens instead of a batch stride.
+- Forward (FlashAttention-2): one program per (query block, batch x head). The online
+  softmax runs in base 2 (the scale is folded with log2(e), so each score costs one FMA and
+  one exp2); the log-sum-exp is stored (natural log) for the backward.
+- Causal masks cost only where they bite: key blocks that every row of the query block
+  sees entirely run a loop with no mask code at all; only the blocks on the diagonal (and
+  the ragged end of the keys) run the masked loop. Blocks past the diagonal are skipped.
+- Backward, deterministic (no atomics): a preprocess computes delta = rowsum(dO * O); one
+  program per (key block, batch x kv head) accumulates dK and dV over every query head of
+  its group and every query block that sees the keys, in registers; dQ has its own pass,
+  one program per (query block, batch x head). P is recomputed from the saved log-sum-exp.
+- Offsets: 64-bit for the per-sequence base (batch x stride, cu_seqlens x stride) and the
+  block start, 32-bit inside a tile.
+- Rows that see no key at all (causal with Sq > Sk) output 0 and store lse = -inf; the
+  backward reads their lse as +inf so their P is exactly 0 instead of NaN.
+- Precision: 16-bit operands feed the tensor cores (wgmma on sm_90, mma on sm_80) with
+  float32 accumulation; float32 inputs use IEEE float32 dots (not tf32), slower but exact
+  to float32. Under the Triton interpreter (CPU tests) bf16 dots are wrong, so operands are
+  upcast there (UPCAST).
+- Block sizes, warps and stages come from the head dim (see ``forward_config`` /
+  ``backward_config``), not from sequence lengths, so nothing re-specialises per length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from llama_fast import _alloc
+from llama_fast.backends import triton_interpreter_on
+
+from ._common import device_guard, next_pow2
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _seq_bounds(CU, b, seq_len, IS_VARLEN: tl.constexpr):
+    """(start row, length) of sequence b: from cu_seqlens, or (0, seq_len) for batches."""
+    if IS_VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        return start, (tl.load(CU + b + 1) - start).to(tl.int32)
+    return tl.zeros([], dtype=tl.int64), seq_len
+
+
+@triton.jit
+def _causal_ranges(m0, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key ranges for query rows [m0, m0 + BLOCK_M): [0, full) needs no mask, [full, end)
+    does (the diagonal and the ragged end of the keys), keys past ``end`` are invisible."""
+    k_full = (k_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        diff = k_len - q_len  # bottom-right alignment: row i sees keys j <= i + diff
+        end = tl.minimum(tl.maximum(m0 + BLOCK_M + diff, 0), k_len)
+        full = tl.minimum((tl.maximum(m0 + diff + 1, 0) // BLOCK_N) * BLOCK_N, k_full)
+    else:
+        end = k_len
+        full = k_full
+    return tl.minimum(full, end), end
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, k_len, diff, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    local_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + local_n
+        kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
+        v_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[:, None] * stride_vn + offs_d[None, :])
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (offs_n[:, None] < k_len), other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < k_len
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diff)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    q_heads, group, seq_q, seq_k, qk_scale,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Grid (batch x head, query block): heads of one GQA group run side by side and share
+    # K/V in L2; the longest causal blocks (the last) start first, for a shorter tail.
+    bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = bh // q_heads
+    h = bh % q_heads
+    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    if m0 >= q_len:
+        return
+    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
+    kv_h = h // group
+    b64 = tl.cast(b, tl.int64)
+    Q += b64 * stride_qb + q_start * stride_qs + h * stride_qh + tl.cast(m0, tl.int64) * stride_qs
+    K += b64 * stride_kb + k_start * stride_ks + kv_h * stride_kh
+    V += b64 * stride_vb + k_start * stride_vs + kv_h * stride_vh
+    local_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + local_m
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + (local_m[:, None] * stride_qs + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, end = _causal_ranges(m0, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    diff = k_len - q_len
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, 0, full, k_len, diff,
+                               qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, full, end, k_len, diff,
+                               qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+
+    seen = l_i > 0.0  # rows that saw at least one key
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    O += b64 * stride_ob + q_start * stride_os + h * stride_oh + tl.cast(m0, tl.int64) * stride_os
+    tl.store(O + (local_m[:, None] * stride_os + offs_d[None, :]), out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    LSE += b64 * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start + m0
+    tl.store(LSE + local_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    q_heads, seq_q,
+    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the softmax backward's correction term, per query row."""
+    # Grid (batch x head, query block): heads of one GQA group run side by side and share
+    # K/V in L2; the longest causal blocks (the last) start first, for a shorter tail.
+    bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = bh // q_heads
+    h = bh % q_heads
+    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    if m0 >= q_len:
+        return
+    b64 = tl.cast(b, tl.int64)
+    local_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ((m0 + local_m) < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row0 = q_start + m0
+    o = tl.load(O + b64 * stride_ob + row0 * stride_os + h * stride_oh + (local_m[:, None] * stride_os + offs_d[None, :]),
+                mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh + (local_m[:, None] * stride_dos + offs_d[None, :]),
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b64 * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start + m0 + local_m, delta, mask=(m0 + local_m) < q_len)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, offs_m, q_len):
+    """log2-scaled lse and delta of query rows; rows past the end or with no visible key get
+    lse = +inf so that their probabilities come out exactly 0."""
+    row_ok = offs_m < q_len
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, offs_n, offs_d, lo, hi, q_len, diff, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate one query head's contribution to dK, dV of a key block (transposed
+    formulation: scores as (keys, queries) so the accumulators stay row-major)."""
+    local_m = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + local_m
+        qt_ptrs = Q + tl.cast(start_m, tl.int64) * stride_qs + (local_m[None, :] * stride_qs + offs_d[:, None])
+        do_ptrs = DO + tl.cast(start_m, tl.int64) * stride_dos + (local_m[:, None] * stride_dos + offs_d[None, :])
+        if MASKED:
+            qt = tl.load(qt_ptrs, mask=d_ok[:, None] & (offs_m[None, :] < q_len), other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :] & (offs_m[:, None] < q_len), other=0.0)
+        else:
+            qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+        lse, delta = _load_row_stats(LSE, DELTA, offs_m, q_len)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED and CAUSAL:
+            pt = tl.where(offs_n[:, None] <= offs_m[None, :] + diff, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    kv_heads, group, seq_q, seq_k, qk_scale, scale,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N  # causal: early key blocks have the most queries; start them first
+    b = bh // kv_heads
+    kv_h = bh % kv_heads
+    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
+    if n0 >= k_len:
+        return
+    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    b64 = tl.cast(b, tl.int64)
+    local_n = tl.arange(0, BLOCK_N)
+    offs_n = n0 + local_n
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    key_row0 = k_start + n0
+    k = tl.load(K + b64 * stride_kb + key_row0 * stride_ks + kv_h * stride_kh + (local_n[:, None] * stride_ks + offs_d[None, :]),
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + key_row0 * stride_vs + kv_h * stride_vh + (local_n[:, None] * stride_vs + offs_d[None, :]),
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query blocks that see these keys: from the first row whose diagonal reaches n0;
+    # rows from ``full`` on see the whole key block (no causal mask), and the last, ragged
+    # query block needs the row mask.
+    diff = k_len - q_len
+    q_ceil = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    q_floor = (q_len // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = tl.minimum((tl.maximum(n0 - diff, 0) // BLOCK_M) * BLOCK_M, q_ceil)
+        full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diff, 0), BLOCK_M) * BLOCK_M, q_ceil)
+    else:
+        lo = 0
+        full = 0
+    full_end = tl.maximum(q_floor, full)
+    for g in range(0, group):
+        h = (kv_h * group + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+        do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
+        stats = b64 * stride_lb + h * stride_lh + q_start
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
+                                 offs_n, offs_d, lo, full, q_len, diff, qk_scale,
+                                 True, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
+                                 offs_n, offs_d, full, q_floor, q_len, diff, qk_scale,
+                                 False, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
+                                 offs_n, offs_d, full_end, q_ceil, q_len, diff, qk_scale,
+                                 True, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+
+    dk *= scale
+    tl.store(DK + b64 * stride_dkb + key_row0 * stride_dks + kv_h * stride_dkh + (local_n[:, None] * stride_dks + offs_d[None, :]),
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + key_row0 * stride_dvs + kv_h * stride_dvh + (local_n[:, None] * stride_dvs + offs_d[None, :]),
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, k_len, diff, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    local_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + local_n
+        kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
+        vt_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[None, :] * stride_vn + offs_d[:, None])
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = offs_n[None, :] < k_len
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diff)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    q_heads, group, seq_q, seq_k, qk_scale, scale,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Grid (batch x head, query block): heads of one GQA group run side by side and share
+    # K/V in L2; the longest causal blocks (the last) start first, for a shorter tail.
+    bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = bh // q_heads
+    h = bh % q_heads
+    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    if m0 >= q_len:
+        return
+    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
+    kv_h = h // group
+    b64 = tl.cast(b, tl.int64)
+    local_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + local_m
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row0 = q_start + m0
+    q = tl.load(Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh + (local_m[:, None] * stride_qs + offs_d[None, :]),
+                mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh + (local_m[:, None] * stride_dos + offs_d[None, :]),
+                 mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stats = b64 * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+    lse, delta = _load_row_stats(LSE + stats, DELTA + stats, offs_m, q_len)
+    K += b64 * stride_kb + k_start * stride_ks + kv_h * stride_kh
+    V += b64 * stride_vb + k_start * stride_vs + kv_h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, end = _causal_ranges(m0, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    diff = k_len - q_len
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, 0, full, k_len, diff,
+                       qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, full, end, k_len, diff,
+                       qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+    dq *= scale
+    tl.store(DQ + b64 * stride_dqb + row0 * stride_dqs + h * stride_dqh + (local_m[:, None] * stride_dqs + offs_d[None, :]),
+             dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration: chosen by head dim only. Forward tiles of 128 queries x 64 keys
+# keep the tensor cores busy at head dims 64 and 128 (8 warps for 128 to hold the
+# accumulator); 256 needs smaller tiles to fit registers and shared memory on sm_80.
+# Backward: dK/dV programs hold two (keys x D) float32 accumulators, dQ programs one.
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))  # tl.dot needs every dimension >= 16
+
+
+def forward_config(head_dim: int) -> dict:
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if block_d <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def backward_configs(head_dim: int) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config); BLOCK_M counts queries, BLOCK_N keys."""
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return ({"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3})
+    if block_d <= 128:
+        return ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+                {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3})
+    return ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1},
+            {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
+
+
+PREPROCESS_BLOCK_M = 64
+
+
+def _common_constexprs(q: torch.Tensor, causal: bool, varlen: bool) -> dict:
+    head_dim = q.shape[-1]
+    return {
+        "CAUSAL": causal, "IS_VARLEN": varlen, "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim),
+        # The interpreter's bf16 dot is wrong: run its dots in float32 (CPU tests only).
+        "UPCAST": triton_interpreter_on() and q.dtype != torch.float32,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+class _Problem:
+    """Shapes and (batch, row, head) strides of one attention call, fixed or varlen."""
+
+    def __init__(self, q, k, cu_q, cu_k, max_q, max_k):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.batch, self.seq_q, self.seq_k = cu_q.shape[0] - 1, max_q, max_k
+            self.q_heads, self.kv_heads = q.shape[1], k.shape[1]
+        else:
+            self.batch, self.seq_q, self.q_heads = q.shape[0], q.shape[1], q.shape[2]
+            self.seq_k, self.kv_heads = k.shape[1], k.shape[2]
+        self.group = self.q_heads // self.kv_heads
+        self.cu_q = cu_q if cu_q is not None else q
+        self.cu_k = cu_k if cu_k is not None else q
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, row, head) strides; a packed varlen tensor has no batch stride."""
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def stats_strides(self, stats: torch.Tensor) -> tuple[int, int]:
+        """lse/delta are (B, Hq, Sq), or (Hq, Tq) for varlen."""
+        return (0, stats.stride(0)) if self.varlen else (stats.stride(0), stats.stride(1))
+
+    def empty_stats(self, q: torch.Tensor) -> torch.Tensor:
+        shape = (self.q_heads, q.shape[0]) if self.varlen else (self.batch, self.q_heads, self.seq_q)
+        return _alloc.empty(shape, torch.float32, q.device)
+
+
+def _unit_last_stride(*tensors):
+    # The kernels index the head dim contiguously (16-byte loads); a strided head dim is
+    # rare enough that one copy is cheaper than a slow general path.
+    return [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in tensors]
+
+
+def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    q, k, v = _unit_last_stride(q, k, v)
+    p = _Problem(q, k, cu_q, cu_k, max_q, max_k)
+    out = _alloc.empty(q.shape, q.dtype, q.device)
+    lse = p.empty_stats(q)
+    if p.batch * p.q_heads * p.seq_q == 0 or q.numel() == 0:
+        return out, lse
+    cfg = forward_config(q.shape[-1])
+    grid = (p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"]))
+    with device_guard(q.device):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, p.cu_q, p.cu_k,
+            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.stats_strides(lse),
+            p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E,
+            **_common_constexprs(q, causal, p.varlen), **cfg,
+        )
+    return out, lse
+
+
+def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    do, q, k, v, o = _unit_last_stride(do, q, k, v, o)
+    p = _Problem(q, k, cu_q, cu_k, max_q, max_k)
+    dq = _alloc.empty(q.shape, q.dtype, q.device)
+    dk = _alloc.empty(k.shape, k.dtype, k.device)
+    dv = _alloc.empty(v.shape, v.dtype, v.device)
+    if p.batch * p.q_heads == 0 or q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = p.empty_stats(q)
+    consts = _common_constexprs(q, causal, p.varlen)
+    cfg_kv, cfg_q = backward_configs(q.shape[-1])
+    lse_strides = p.stats_strides(lse)
+    assert lse_strides == p.stats_strides(delta), "lse must be laid out as the forward wrote it"
+    with device_guard(q.device):
+        if p.seq_q:
+            _attn_bwd_preprocess_kernel[(p.batch * p.q_heads, triton.cdiv(p.seq_q, PREPROCESS_BLOCK_M))](
+                o, do, delta, p.cu_q, *p.strides(o), *p.strides(do), *lse_strides, p.q_heads, p.seq_q,
+                IS_VARLEN=p.varlen, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M,
+            )
+        args = (*p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do))
+        _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(max(p.seq_k, 1), cfg_kv["BLOCK_N"]))](
+            q, k, v, do, lse, delta, dk, dv, p.cu_q, p.cu_k, *args, *p.strides(dk), *p.strides(dv), *lse_strides,
+            p.kv_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg_kv,
+        )
+        if p.seq_q:
+            _attn_bwd_dq_kernel[(p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg_q["BLOCK_M"]))](
+                q, k, v, do, lse, delta, dq, p.cu_q, p.cu_k, *args, *p.strides(dq), *lse_strides,
+                p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg_q,
+            )
+    return dq, dk, dv
+
+
+# Registry entries (signatures as in llama_fast.reference).
+
+
+def attn_fwd(q, k, v, causal, scale):
+    return _forward(q, k, v, None, None, 0, 0, causal, scale)
+
+
+def attn_bwd(do, q, k, v, o, lse, causal, scale):
+    return _backward(do, q, k, v, o, lse, None, None, 0, 0, causal, scale)
+
+
+def attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    return _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def attn_varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    return _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)
