@@ -391,10 +391,12 @@ def _attn_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launch configuration: chosen by head dim only. Forward tiles of 128 queries x 64 keys
-# keep the tensor cores busy at head dims 64 and 128 (8 warps for 128 to hold the
-# accumulator); 256 needs smaller tiles to fit registers and shared memory on sm_80.
-# Backward: dK/dV programs hold two (keys x D) float32 accumulators, dQ programs one.
+# Launch configuration, chosen by head dim only, from the compile check's register and
+# spill report (Triton 3.6, sm_80 and sm_90): forward tiles of 128 queries x 64 keys with 8
+# warps hold the float32 accumulator without spilling at head dims 64 and 128. The dK/dV
+# program holds two (keys x D) float32 accumulators plus K and V, the most register-hungry
+# of the three; at D = 128 it still spills a little on sm_90 (see the compile check):
+# the first thing to tune on a GPU. Head dim 256 needs small tiles to fit at all.
 
 
 def _block_d(head_dim: int) -> int:
@@ -402,10 +404,7 @@ def _block_d(head_dim: int) -> int:
 
 
 def forward_config(head_dim: int) -> dict:
-    block_d = _block_d(head_dim)
-    if block_d <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if block_d <= 128:
+    if _block_d(head_dim) <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
@@ -413,14 +412,13 @@ def forward_config(head_dim: int) -> dict:
 def backward_configs(head_dim: int) -> tuple[dict, dict]:
     """(dK/dV config, dQ config); BLOCK_M counts queries, BLOCK_N keys."""
     block_d = _block_d(head_dim)
+    dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     if block_d <= 64:
-        return ({"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
-                {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3})
+        return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}, dq
     if block_d <= 128:
-        return ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-                {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3})
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}, dq
     return ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1},
-            {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
+            {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
 
 
 PREPROCESS_BLOCK_M = 64
