@@ -13,11 +13,15 @@ Public API (all autograd-aware ``torch.library`` custom ops; see ``llama_fast.op
     flash_decode(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, num_splits=None)
     backend(name)   # "auto" | "torch" | "triton" | "cuda"; also LLAMA_FAST_BACKEND
     info() -> dict
+    patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True) -> report; unpatch(model)
+    patch_transformers(...) / unpatch_transformers()   # patch HF Llama models built afterwards
 
 Importing llama_fast imports torch but not triton: the Triton kernels load on first use.
 """
 from llama_fast.backends import BackendUnavailableError, backend
 from llama_fast.info import info
+from llama_fast.model import ModelArgs, Transformer, generate, load_checkpoint
+from llama_fast.patching import patch, patch_transformers, unpatch, unpatch_transformers
 from llama_fast.ops import (
     add_rms_norm,
     apply_rope,
@@ -35,16 +39,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ModelArgs",
+    "Transformer",
     "add_rms_norm",
     "apply_rope",
     "backend",
     "flash_attn",
     "flash_attn_varlen",
     "flash_decode",
+    "generate",
     "info",
+    "load_checkpoint",
+    "patch",
+    "patch_transformers",
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
     "swiglu",
     "swiglu_fused",
+    "unpatch",
+    "unpatch_transformers",
 ]

@@ -1,0 +1,714 @@
+"""Patch existing Llama models to run on the llama_fast kernels, and undo it.
+
+    report = patch(model, rms_norm=True, rope=True, swiglu=True, attention=True)
+    unpatch(model)                      # the original modules, function and attention back
+    patch_transformers(...)             # every model of a family built from now on patches itself
+    unpatch_transformers()              # ... and no longer
+
+Tested with transformers 5.24 and 5.17.0 (the GPU image's version): tests/test_patch_hf.py
+passes on both, on the CPU. transformers 4.x is not supported (other mask and cache APIs).
+transformers is optional: it is imported only when a model holding its classes is patched,
+or by ``patch_transformers``.
+
+The table
+---------
+``RULES`` is the one place that says what replaces what. A row is
+``Rule(family, kind, how, source, replacement, ...)`` with source and replacement written
+``"module.path:QualName"``; supporting another model family is adding rows. ``how`` is:
+
+``module``    instances of exactly the ``source`` class (subclasses are not matched: they may
+              have changed ``forward``) are swapped for ``replacement.from_module(instance,
+              **options)``, which shares the instance's Parameters (same objects). The original
+              instance is kept on its parent and put back by ``unpatch``, handed the current
+              Parameters. Instances with hooks or an instance-level ``forward`` (accelerate's
+              offloading, other patchers) are left alone, with the reason in the report.
+``function``  the module-level function ``source`` is swapped, *scoped*: the module global is
+              replaced by a dispatcher that runs ``replacement(*args, fallback=original)`` only
+              inside the forward of patched instances of ``scope`` (a forward pre-hook and an
+              always-called forward hook count entries, per thread), and the original
+              everywhere else. Why not a plain module-global swap: the global is shared by
+              every model of the family in the process, so a plain swap would silently change
+              models nobody asked to patch (such as the unpatched reference a test compares
+              against). The dispatcher is removed when the last scope is unpatched (a deep
+              copy of a patched model keeps its hooks but not that claim: once the original
+              is unpatched, the copy runs HF's function again, correct but unfused).
+              ``torch.compile`` traces the hooks and the dispatcher without graph breaks.
+``attention`` the model's attention implementation becomes ``"llama_fast"`` (see below) when
+              it holds instances of ``source``; ``unpatch`` restores the previous one.
+``on_build``  for ``patch_transformers``: the ``post_init`` of ``source`` (the family's
+              pre-trained base class, called at the end of every model's ``__init__``) is
+              wrapped so that each model built patches itself with the flags given.
+
+Hugging Face extension points used (no copies of transformers' forward functions)
+---------------------------------------------------------------------------------
+* ``AttentionInterface.register("llama_fast", hf_attention_forward)`` and
+  ``model.set_attn_implementation("llama_fast")``: LlamaAttention looks its attention function
+  up by ``config._attn_implementation`` on every call.
+* ``AttentionMaskInterface.register("llama_fast", hf_attention_mask)``: without a mask
+  function registered under the same name, ``create_causal_mask`` returns None for a custom
+  implementation and padded batches would be silently wrong. Ours returns None when there is
+  no padding; the 2-D (B, Sk) boolean padding mask when there is; (B, S) int32 segment ids
+  for packed sequences (position_ids restarting within a row, no mask, no cache: it builds
+  ``sdpa_mask``'s 4-D mask and reads the segments off it when it is block-diagonal causal;
+  a single segment per row, which is what ``torch.compile``'s tracing of that detection
+  yields, is None again); and for anything else (sliding windows, or/and mask functions,
+  bidirectional masks, static caches, whose queries are not the last keys) the 4-D mask of
+  ``sdpa_mask``, on which the attention function falls back to SDPA.
+
+Attention function (``hf_attention_forward``): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) come in
+as HF lays them out and go to the ops as transposed views; GQA is native (no repeat_kv).
+
+* no mask: ``flash_attn`` (causal is bottom-right aligned, so keys longer than queries, a KV
+  cache after a prefix, are right); a few queries over a longer cache without grad (decoding)
+  use ``flash_decode`` with every cache entry valid.
+* a mask means causal attention restricted by it (as in SDPA, where a given mask overrides
+  ``is_causal``).
+* 2-D padding mask: the valid tokens are gathered (``nonzero``, one host sync, as HF's FA2
+  path does) and run through ``flash_attn_varlen``; within a sequence the valid queries are
+  the last valid keys, so bottom-right causal over the gathered tokens is exactly "key j <=
+  query i and j not padding", for left, right or any padding and with a cache (generate()
+  with left padding). Padded query rows come out as zeros.
+* segment ids (packed sequences): ``flash_attn_varlen`` over the rows as they are, one
+  sequence per (row, segment), no gather.
+* 4-D or custom masks, sliding windows, softcap, dtypes or head dims the ops do not take:
+  SDPA (transformers' own ``sdpa`` attention function), counted in ``ATTENTION_CALLS``
+  and warned about once per reason.
+* dropout > 0 (training with ``attention_dropout``) raises: the kernels have no dropout.
+
+Under ``torch.compile`` the layers trace into one graph on the no-padding path; the mask
+function breaks the graph once per forward when transformers hands it its traced
+packed-sequence check (data-dependent tests on the mask, as in HF's own FA2 path), and the
+padded and packed paths break the graph in every layer (``nonzero`` and the host-side
+lengths ``flash_attn_varlen`` takes). Static caches (``cache_implementation="static"``) go
+to SDPA: their mask covers the whole preallocated cache and queries are not the last keys.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ATTENTION_CALLS",
+    "ATTN_IMPLEMENTATION",
+    "FUNCTION_CALLS",
+    "PatchReport",
+    "RULES",
+    "Rule",
+    "hf_attention_forward",
+    "hf_attention_mask",
+    "patch",
+    "patch_transformers",
+    "unpatch",
+    "unpatch_transformers",
+]
+
+KINDS = ("rms_norm", "rope", "swiglu", "attention")
+ATTN_IMPLEMENTATION = "llama_fast"
+DECODE_MAX_QUERIES = 16  # up to this many new tokens over a longer cache (no grad) use flash_decode
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table; see the module docstring. Contracts of ``replacement``:
+
+    module     a class with ``from_module(instance, **dict(options))`` returning a module that
+               shares the instance's Parameters, or raising TypeError/ValueError (why not).
+    function   a callable taking the original's arguments plus ``fallback=`` (the original),
+               which it calls for inputs it does not serve.
+    attention  the attention function registered under ATTN_IMPLEMENTATION.
+    """
+
+    family: str
+    kind: str  # one of KINDS (the patch() flag that enables it), or "build"
+    how: str  # "module" | "function" | "attention" | "on_build"
+    source: str  # "module.path:QualName" of what is replaced
+    replacement: str = ""  # "module.path:QualName" of what replaces it
+    options: tuple = ()  # (name, value) pairs passed to replacement.from_module
+    scope: str | None = None  # function rules: the class inside whose forward the swap is active
+    requires: str | None = None  # "module:function", f(model) -> reason to leave this alone, or None
+
+
+_HF_LLAMA = "transformers.models.llama.modeling_llama"
+
+RULES: tuple[Rule, ...] = (
+    Rule("hf_llama", "rms_norm", "module", f"{_HF_LLAMA}:LlamaRMSNorm", "llama_fast.nn:RMSNorm"),
+    Rule("hf_llama", "swiglu", "module", f"{_HF_LLAMA}:LlamaMLP", "llama_fast.nn:SwiGLUMLP",
+         options=(("names", ("gate_proj", "up_proj", "down_proj")), ("act", "act_fn"))),
+    Rule("hf_llama", "rope", "function", f"{_HF_LLAMA}:apply_rotary_pos_emb", "llama_fast.nn:apply_rotary_pos_emb",
+         scope=f"{_HF_LLAMA}:LlamaAttention", requires="llama_fast.patching:_hf_llama_rope_tables"),
+    Rule("hf_llama", "attention", "attention", f"{_HF_LLAMA}:LlamaAttention", "llama_fast.patching:hf_attention_forward"),
+    Rule("hf_llama", "build", "on_build", f"{_HF_LLAMA}:LlamaPreTrainedModel"),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    path: str  # module path in the model ("" is the model), or what was changed
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    kind: str
+    path: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` replaced, found already patched, and left alone (with the reason)."""
+
+    replaced: list[Change] = field(default_factory=list)
+    already: list[Change] = field(default_factory=list)
+    left_alone: list[Skip] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Replacements made by this call, per kind (every kind present, 0 if none)."""
+        counts = dict.fromkeys(KINDS, 0)
+        for c in self.replaced:
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+        return counts
+
+    @property
+    def counts_already(self) -> dict[str, int]:
+        counts = dict.fromkeys(KINDS, 0)
+        for c in self.already:
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+        return counts
+
+    def absorb(self, prefix: str, other: "PatchReport") -> None:
+        """Fold in the report of the submodule at ``prefix``, patched earlier: its replacements
+        become this report's instead of showing here as "already patched"."""
+        def pre(p):
+            return p if p == "*" or not prefix else (f"{prefix}.{p}" if p else prefix)
+
+        moved = [Change(c.kind, pre(c.path), c.before, c.after) for c in other.replaced]
+
+        def explained(c):  # same path; or the same config, which a model shares with its backbone
+            return any(m.kind == c.kind and (m.path == c.path or (m.after == c.after and m.path.endswith("." + c.path)))
+                       for m in moved)
+
+        self.already = [c for c in self.already if not explained(c)]
+        self.replaced = moved + self.replaced
+        for s in other.left_alone:
+            skip = Skip(s.kind, pre(s.path), s.reason)
+            if skip not in self.left_alone:
+                self.left_alone.append(skip)
+
+    def __str__(self) -> str:
+        lines = ["llama_fast.patch: " + ", ".join(f"{k} {n}" for k, n in self.counts.items()) + " replaced"]
+        lines += [f"  replaced  {c.kind:9s} {c.path or '<model>'}: {c.before} -> {c.after}" for c in self.replaced]
+        lines += [f"  already   {c.kind:9s} {c.path or '<model>'}: {c.after}" for c in self.already]
+        lines += [f"  left      {s.kind:9s} {s.path or '<model>'}: {s.reason}" for s in self.left_alone]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _why_not_swappable(m: nn.Module) -> str | None:
+    if "forward" in m.__dict__:
+        return "its forward is overridden on the instance (accelerate offloading or another patcher?)"
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return "it has hooks, which a swapped module would not carry"
+    return None
+
+
+def _hf_llama_rope_tables(model: nn.Module) -> str | None:
+    """The fused rope reads only the first half of cos/sin: fine for LlamaRotaryEmbedding,
+    which always builds cat((freqs, freqs)); anything else, we cannot vouch for."""
+    for path, m in model.named_modules():
+        name = type(m).__qualname__
+        if name.endswith("RotaryEmbedding") and _qualname(type(m)) != f"{_HF_LLAMA}:LlamaRotaryEmbedding":
+            return f"{path or '<model>'} is a {_qualname(type(m))}, not LlamaRotaryEmbedding (halves of cos/sin not known equal)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Scoped function swaps
+
+_ACTIVE = threading.local()  # _flag(function key) -> how many scoped forwards this thread is inside
+_SCOPES: dict[str, "weakref.WeakSet[nn.Module]"] = collections.defaultdict(weakref.WeakSet)
+_DISPATCHERS: dict[str, object] = {}  # function key -> the dispatcher installed in its module
+FUNCTION_CALLS: collections.Counter = collections.Counter()  # (function key, "llama_fast" | "original") -> calls
+
+
+def _flag(key: str) -> str:
+    """The attribute of ``_ACTIVE`` counting entries for a function key (an identifier:
+    torch.compile traces plain attribute access on it)."""
+    return "depth_" + "".join(ch if ch.isalnum() else "_" for ch in key)
+
+
+def _enter(flag: str, *_args) -> None:
+    setattr(_ACTIVE, flag, getattr(_ACTIVE, flag, 0) + 1)
+
+
+def _exit(flag: str, *_args) -> None:
+    setattr(_ACTIVE, flag, max(0, getattr(_ACTIVE, flag, 0) - 1))
+
+
+def _install_function(rule: Rule) -> None:
+    key = rule.source
+    module_name, _, name = key.partition(":")
+    module = importlib.import_module(module_name)
+    current = getattr(module, name)
+    if current is _DISPATCHERS.get(key):
+        return
+    original, fused = current, _load(rule.replacement)
+    flag = _flag(key)
+
+    @functools.wraps(original)
+    def dispatcher(*args, **kwargs):
+        if getattr(_ACTIVE, flag, 0) > 0:
+            FUNCTION_CALLS[key, "llama_fast"] += 1
+            return fused(*args, fallback=original, **kwargs)
+        FUNCTION_CALLS[key, "original"] += 1
+        return original(*args, **kwargs)
+
+    dispatcher.__llama_fast_original__ = original
+    _DISPATCHERS[key] = dispatcher
+    setattr(module, name, dispatcher)
+
+
+def _maybe_uninstall_function(key: str) -> None:
+    if len(_SCOPES[key]) or key not in _DISPATCHERS:
+        return
+    dispatcher = _DISPATCHERS.pop(key)
+    module_name, _, name = key.partition(":")
+    module = importlib.import_module(module_name)
+    if getattr(module, name) is dispatcher:
+        setattr(module, name, dispatcher.__llama_fast_original__)
+    else:  # someone swapped it after us: theirs stays
+        warnings.warn(f"llama_fast.unpatch: {key} was replaced after llama_fast patched it; left as it is")
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face attention
+
+ATTENTION_CALLS: collections.Counter = collections.Counter()  # path taken -> calls (for tests and debugging)
+_WARNED: set[str] = set()
+
+
+def _register_hf_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_attention_mask)
+
+
+def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """The mask function registered with ``AttentionMaskInterface`` (see the module docstring).
+
+    Returns what ``hf_attention_forward`` serves: None (causal, no padding); a (B, kv_length)
+    bool padding mask (causal within the valid tokens); a (B, S) int32 tensor of segment ids
+    (packed sequences: causal within each run of equal ids); or else ``sdpa_mask``'s 4-D mask,
+    which the attention function hands to SDPA.
+    """
+    from transformers import masking_utils
+
+    ints = all(isinstance(n, int) for n in (q_offset, kv_offset, kv_length, q_length))
+    plain = (
+        mask_function is masking_utils.causal_mask_function and ints
+        and kv_offset == 0 and q_offset + q_length == kv_length
+        and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                                        and tuple(attention_mask.shape) == (batch_size, kv_length)))
+    )
+    if plain:
+        if attention_mask is None:
+            return None
+        mask = attention_mask.to(torch.bool)
+        return None if bool(mask.all()) else mask
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                   kv_offset=kv_offset, mask_function=mask_function or masking_utils.causal_mask_function,
+                                   attention_mask=attention_mask, **kwargs)
+    if ints and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
+        segments = _causal_segments(mask)
+        if segments is not None:
+            # One segment per row is plain causal: what packed-sequence detection gives when
+            # torch.compile traces it (it cannot look at the position_ids).
+            return None if bool((segments[:, -1] == 0).all()) else segments
+    return mask
+
+
+def _causal_segments(mask):
+    """If the 4-D bool mask (B, 1, S, S) is block-diagonal causal (packed sequences: each
+    query sees the keys from the start of its run up to itself), its (B, S) int32 segment
+    ids (0, 1, ... along each row); else None."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    m = mask[:, 0]
+    s = m.shape[-1]
+    if m.shape[-2] != s or s == 0:
+        return None
+    ar = torch.arange(s, device=m.device)
+    start = m.to(torch.uint8).argmax(-1)  # first visible key of each query
+    expected = (ar >= start[..., None]) & (ar <= ar[:, None])
+    new = start == ar  # query i starts a segment
+    prev = torch.nn.functional.pad(start, (1, 0))[:, :-1]
+    if not (torch.equal(m, expected) and bool((new | (start == prev)).all())):
+        return None
+    return (new.cumsum(-1, dtype=torch.int32) - 1).to(torch.int32)
+
+
+def _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ATTENTION_CALLS[f"sdpa: {reason}"] += 1
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"llama_fast attention falls back to SDPA: {reason}", stacklevel=3)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _unserved(query, key, value, attention_mask, is_causal, kwargs) -> str | None:
+    from llama_fast.ops import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        return "a 4-D or custom attention mask (sliding window, bidirectional, user-made, or a static cache)"
+    for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            return f"{name} is not supported by the llama_fast kernels"
+    if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
+        return f"dtypes q {query.dtype}, k {key.dtype}, v {value.dtype}"
+    d = query.shape[-1]
+    if key.shape[-1] != d or value.shape[-1] != d or not 1 <= d <= MAX_HEAD_DIM:
+        return f"head dims q {d}, k {key.shape[-1]}, v {value.shape[-1]} (must be equal, at most {MAX_HEAD_DIM})"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads for {key.shape[1]} key heads"
+    if attention_mask is None and is_causal and query.shape[2] > key.shape[2]:
+        return "more queries than keys under a causal mask"
+    return None
+
+
+def _varlen(q, k, v, mask, scale):
+    """Attention of padded (B, S, H, D) tensors through flash_attn_varlen on the valid tokens."""
+    from llama_fast.ops import flash_attn_varlen
+
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    kmask = mask.to(torch.bool)
+    qmask = kmask[:, sk - sq:]
+    k_idx = kmask.reshape(-1).nonzero().squeeze(1)
+    q_idx = qmask.reshape(-1).nonzero().squeeze(1)
+    k_len = kmask.sum(1, dtype=torch.int32)
+    q_len = qmask.sum(1, dtype=torch.int32)
+    cu_k = torch.nn.functional.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.nn.functional.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
+    max_k, max_q = int(k_len.max()), int(q_len.max())
+    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
+    kv_rows = lambda t: t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx)  # noqa: E731
+    out = flash_attn_varlen(qv, kv_rows(k), kv_rows(v), cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=scale)
+    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+
+
+def _packed(q, k, v, segments, scale):
+    """Causal attention within each run of equal segment ids of each row, (B, S, H, D)
+    tensors: every (row, segment) is one sequence of flash_attn_varlen, no gather needed."""
+    from llama_fast.ops import flash_attn_varlen
+
+    b, s, hq, d = q.shape
+    row = torch.arange(b, device=segments.device, dtype=torch.int64)[:, None] * s
+    _, lengths = torch.unique_consecutive((row + segments).reshape(-1), return_counts=True)
+    cu = torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
+    longest = int(lengths.max())
+    rows = lambda t: t.reshape(b * s, t.shape[2], d)  # noqa: E731
+    out = flash_attn_varlen(rows(q), rows(k), rows(v), cu, cu, longest, longest, causal=True, softmax_scale=scale)
+    return out.view(b, s, hq, d)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """The attention function registered with ``AttentionInterface`` as "llama_fast"
+    (see the module docstring). Returns ((B, Sq, Hq, D), None): no attention weights."""
+    from llama_fast.ops import flash_attn, flash_decode
+
+    if dropout:
+        raise ValueError(f"llama_fast attention has no dropout (got dropout={dropout}): set "
+                         "config.attention_dropout = 0.0, or train with another attention implementation")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    reason = _unserved(query, key, value, attention_mask, is_causal, kwargs)
+    if reason is not None:
+        return _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    if attention_mask is not None:  # as hf_attention_mask makes them: a mask means causal, whatever is_causal says
+        if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (b, sk):
+            ATTENTION_CALLS["flash_attn_varlen"] += 1
+            return _varlen(q, k, v, attention_mask, scaling), None
+        if attention_mask.dtype == torch.int32 and tuple(attention_mask.shape) == (b, sq) and sq == sk:
+            ATTENTION_CALLS["flash_attn_varlen (packed)"] += 1
+            return _packed(q, k, v, attention_mask, scaling), None
+        raise ValueError(f"llama_fast attention: a 2-D mask must be the bool (batch, keys)=({b}, {sk}) padding mask or "
+                         f"the int32 (batch, queries) segment ids of hf_attention_mask, got {attention_mask.dtype} "
+                         f"{tuple(attention_mask.shape)}")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if is_causal and sq < sk and sq <= DECODE_MAX_QUERIES and not needs_grad:
+        ATTENTION_CALLS["flash_decode"] += 1
+        seqlens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        return flash_decode(q, k, v, seqlens, softmax_scale=scaling), None
+    ATTENTION_CALLS["flash_attn"] += 1
+    return flash_attn(q, k, v, causal=is_causal, softmax_scale=scaling), None
+
+
+# ---------------------------------------------------------------------------------------
+# patch / unpatch
+
+
+def _rules(families) -> list[Rule]:
+    if isinstance(families, str):
+        families = (families,)
+    known = {r.family for r in RULES}
+    if families is not None and set(families) - known:
+        raise ValueError(f"unknown families {sorted(set(families) - known)}; known: {sorted(known)}")
+    return [r for r in RULES if families is None or r.family in families]
+
+
+def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+          attention: bool = True, families=None) -> PatchReport:
+    """Patch ``model`` in place to run on the llama_fast ops, sharing its Parameters.
+
+    Applies every row of ``RULES`` (of ``families``, default all) whose source it finds in
+    the model and whose kind is enabled. Patching again is idempotent: what is patched is
+    reported under ``already`` and left as is (a kind enabled only now is patched now).
+    Returns a ``PatchReport``; ``unpatch(model)`` undoes everything.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    enabled = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "attention": attention}
+    for kind, on in enabled.items():
+        if not isinstance(on, bool):
+            raise TypeError(f"{kind} must be a bool, got {type(on).__name__}")
+    rules = [r for r in _rules(families) if r.how != "on_build"]
+    report = PatchReport()
+    for kind, on in enabled.items():
+        if not on:
+            report.left_alone.append(Skip(kind, "*", f"disabled ({kind}=False)"))
+
+    named = list(model.named_modules())
+    present = {_qualname(type(m)) for _, m in named}
+    matched = False
+
+    # module rules: swap instances, keeping the originals on their parents
+    module_rules = {r.source: r for r in rules if r.how == "module"}
+    made: dict[int, nn.Module] = {}  # a module shared at several paths gets one replacement
+    root_rule = module_rules.get(_qualname(type(model)))
+    if root_rule is not None:
+        matched = True
+        report.left_alone.append(Skip(root_rule.kind, "", "the model itself is a module to replace; patch its parent"))
+    for parent_path, parent in named:
+        originals = parent.__dict__.get("_llama_fast_originals", {})
+        for name, child in list(parent._modules.items()):
+            path = _join(parent_path, name)
+            if name in originals:
+                kind, original = originals[name]
+                matched = True
+                report.already.append(Change(kind, path, type(original).__name__, type(child).__name__))
+                continue
+            rule = module_rules.get(_qualname(type(child))) if child is not None else None
+            if rule is None:
+                continue
+            matched = True
+            if not enabled[rule.kind]:
+                continue
+            why = _why_not_swappable(child)
+            if why is None and id(child) not in made:
+                try:
+                    made[id(child)] = _load(rule.replacement).from_module(child, **dict(rule.options))
+                except (TypeError, ValueError) as e:
+                    why = str(e)
+            if why is not None:
+                report.left_alone.append(Skip(rule.kind, path, why))
+                continue
+            new = made[id(child)]
+            parent._modules[name] = new
+            originals[name] = (rule.kind, child)
+            parent.__dict__["_llama_fast_originals"] = originals
+            report.replaced.append(Change(rule.kind, path, type(child).__name__, _qualname(type(new))))
+
+    # function rules: a scoped swap of a module global
+    for rule in (r for r in rules if r.how == "function"):
+        scopes = [(p, m) for p, m in named if _qualname(type(m)) == rule.scope]
+        if not scopes:
+            continue
+        matched = True
+        if not enabled[rule.kind]:
+            continue
+        why = _load(rule.requires)(model) if rule.requires else None
+        if why is not None:
+            report.left_alone.append(Skip(rule.kind, rule.source, why))
+            continue
+        _install_function(rule)
+        fn = rule.source.partition(":")[2]
+        for path, m in scopes:
+            handles = m.__dict__.setdefault("_llama_fast_scopes", {})
+            if rule.source in handles:
+                report.already.append(Change(rule.kind, path, fn, rule.replacement))
+                continue
+            handles[rule.source] = (
+                m.register_forward_pre_hook(functools.partial(_enter, _flag(rule.source))),
+                m.register_forward_hook(functools.partial(_exit, _flag(rule.source)), always_call=True),
+            )
+            _SCOPES[rule.source].add(m)
+            report.replaced.append(Change(rule.kind, path, fn, f"{rule.replacement} (inside this module's forward)"))
+
+    # attention rules: select the registered attention implementation
+    for rule in (r for r in rules if r.how == "attention"):
+        if rule.source not in present:
+            continue
+        matched = True
+        if not enabled[rule.kind]:
+            continue
+        config = getattr(model, "config", None)
+        if not hasattr(model, "set_attn_implementation") or config is None:
+            report.left_alone.append(Skip(rule.kind, "", "not a transformers PreTrainedModel (patch the model that owns the config)"))
+            continue
+        _register_hf_attention()
+        current = config._attn_implementation
+        if current == ATTN_IMPLEMENTATION:
+            report.already.append(Change(rule.kind, "config._attn_implementation", str(current), ATTN_IMPLEMENTATION))
+            continue
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if config._attn_implementation != ATTN_IMPLEMENTATION:
+            report.left_alone.append(Skip(rule.kind, "config._attn_implementation",
+                                          f"set_attn_implementation kept {config._attn_implementation!r}"))
+            continue
+        model.__dict__["_llama_fast_prev_attn"] = current
+        report.replaced.append(Change(rule.kind, "config._attn_implementation", str(current), ATTN_IMPLEMENTATION))
+
+    if not matched:
+        report.left_alone.append(Skip("*", "", f"nothing in {type(model).__name__} matches a row of llama_fast.patching.RULES "
+                                                f"(families: {sorted({r.family for r in rules})})"))
+    return report
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Undo every ``patch`` of ``model`` and of its submodules: the original module objects
+    (handed the current Parameters), no hooks, the original function once no patched model
+    needs it, and the previous attention implementation. Returns what was restored (as
+    ``replaced``, before = patched, after = original)."""
+    report = PatchReport()
+    keys = set()
+    for path, m in list(model.named_modules()):
+        prev = m.__dict__.pop("_llama_fast_prev_attn", None)
+        if prev is not None:
+            m.set_attn_implementation(prev)
+            report.replaced.append(Change("attention", "config._attn_implementation", ATTN_IMPLEMENTATION, prev))
+        for key, handles in m.__dict__.pop("_llama_fast_scopes", {}).items():
+            for h in handles:
+                h.remove()
+            _SCOPES[key].discard(m)
+            keys.add(key)
+            kind = next((r.kind for r in RULES if r.source == key), "?")
+            report.replaced.append(Change(kind, path, "llama_fast", key.partition(":")[2]))
+        for name, (kind, original) in m.__dict__.pop("_llama_fast_originals", {}).items():
+            current = m._modules.get(name)
+            if current is not None:
+                from llama_fast.nn import share_into
+
+                share_into(original, current)
+            m._modules[name] = original
+            report.replaced.append(Change(kind, _join(path, name), type(current).__name__, type(original).__name__))
+        m.__dict__.pop("_llama_fast_report", None)
+    for key in keys:
+        _maybe_uninstall_function(key)
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# Module-level: patch every model of a family when it is built
+
+_BUILD: dict[str, dict] = {}  # on_build rule source -> {"cls", "own", "flags"}
+_MISSING = object()
+
+
+def _make_post_init(source: str, base_post_init):
+    def post_init(self, *args, **kwargs):
+        result = base_post_init(self, *args, **kwargs)
+        state = _BUILD.get(source)
+        if state is not None:
+            report = patch(self, **state["flags"])
+            for path, sub in self.named_modules():
+                sub_report = sub.__dict__.pop("_llama_fast_report", None) if sub is not self else None
+                if sub_report is not None:
+                    report.absorb(path, sub_report)
+            self.__dict__["_llama_fast_report"] = report
+        return result
+
+    post_init.__llama_fast_wrapper__ = True
+    return post_init
+
+
+def patch_transformers(*, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True,
+                       families=None) -> list[str]:
+    """From now on, every model of ``families`` (default all with an ``on_build`` row:
+    Hugging Face Llama) patches itself with these flags at the end of its construction
+    (``from_pretrained`` included); its report is ``model._llama_fast_report``, and
+    ``unpatch(model)`` works on it as on any patched model. Models built before are not
+    touched. Calling it again replaces the flags. Returns the wrapped classes.
+
+    Raises ImportError if transformers is not installed.
+    """
+    flags = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention)
+    wrapped = []
+    for rule in (r for r in _rules(families) if r.how == "on_build"):
+        if rule.source in _BUILD:
+            _BUILD[rule.source]["flags"] = flags
+        else:
+            cls = _load(rule.source)
+            own = cls.__dict__.get("post_init", _MISSING)
+            _BUILD[rule.source] = {"cls": cls, "own": own, "flags": flags}
+            cls.post_init = _make_post_init(rule.source, cls.post_init)
+        wrapped.append(rule.source)
+    return wrapped
+
+
+def unpatch_transformers() -> list[str]:
+    """Undo ``patch_transformers``: models built from now on are not patched. Models built
+    while it was on stay patched (``unpatch`` them one by one). Returns the classes restored."""
+    restored = []
+    for source, state in list(_BUILD.items()):
+        cls = state["cls"]
+        if state["own"] is _MISSING:
+            del cls.post_init
+        else:
+            cls.post_init = state["own"]
+        del _BUILD[source]
+        restored.append(source)
+    return restored
