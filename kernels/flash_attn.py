@@ -403,14 +403,25 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))  # tl.dot needs every dimension >= 16
 
 
-def forward_config(head_dim: int) -> dict:
+# float32 inputs take IEEE float32 dots on CUDA cores: small tiles, or they spill and
+# overflow shared memory.
+FLOAT32_FORWARD = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+FLOAT32_BACKWARD = ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1},
+                    {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1})
+
+
+def forward_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    if dtype == torch.float32:
+        return dict(FLOAT32_FORWARD)
     if _block_d(head_dim) <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def backward_configs(head_dim: int) -> tuple[dict, dict]:
+def backward_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[dict, dict]:
     """(dK/dV config, dQ config); BLOCK_M counts queries, BLOCK_N keys."""
+    if dtype == torch.float32:
+        return tuple(dict(c) for c in FLOAT32_BACKWARD)
     block_d = _block_d(head_dim)
     dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     if block_d <= 64:
@@ -475,7 +486,7 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     lse = p.empty_stats(q)
     if p.batch * p.q_heads * p.seq_q == 0 or q.numel() == 0:
         return out, lse
-    cfg = forward_config(q.shape[-1])
+    cfg = forward_config(q.shape[-1], q.dtype)
     grid = (p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"]))
     with device_guard(q.device):
         _attn_fwd_kernel[grid](
@@ -497,7 +508,7 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = p.empty_stats(q)
     consts = _common_constexprs(q, causal, p.varlen)
-    cfg_kv, cfg_q = backward_configs(q.shape[-1])
+    cfg_kv, cfg_q = backward_configs(q.shape[-1], q.dtype)
     lse_strides = p.stats_strides(lse)
     assert lse_strides == p.stats_strides(delta), "lse must be laid out as the forward wrote it"
     with device_guard(q.device):
@@ -536,3 +547,45 @@ def attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def attn_varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     return _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def compile_configs():
+    """The configurations the launchers use: head dims 64 and 128 in bf16, causal or not,
+    fixed-length and varlen; float16 and float32 at 128; 256 (the smallest tiles)."""
+    kernels = [(_attn_fwd_kernel, "fwd"), (_attn_bwd_preprocess_kernel, "pre"),
+               (_attn_bwd_dkdv_kernel, "dkdv"), (_attn_bwd_dq_kernel, "dq")]
+    cases = [(d, "bf16", causal, varlen) for d in (64, 128) for causal, varlen in ((True, False), (False, False), (True, True))]
+    cases += [(128, "fp16", True, False), (128, "fp32", True, False), (256, "bf16", True, False)]
+    for head_dim, dtype, causal, varlen in cases:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        dkdv, dq = backward_configs(head_dim, torch_dtype)
+        fwd = forward_config(head_dim, torch_dtype)
+        block = {"fwd": fwd, "dkdv": dkdv, "dq": dq, "pre": {"BLOCK_M": PREPROCESS_BLOCK_M, "num_warps": 4}}
+        for kernel, role in kernels:
+            if role == "pre" and not causal:
+                continue  # the preprocess does not depend on the mask
+            cfg = dict(block[role])
+            options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 3)}
+            constexprs = {"IS_VARLEN": varlen, "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), **cfg}
+            if role != "pre":
+                constexprs.update(CAUSAL=causal, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+            signature, hints = {}, {}
+            for param in kernel.params:
+                name = param.name
+                if param.is_constexpr:
+                    continue
+                if name in ("LSE", "DELTA"):
+                    signature[name] = "*fp32"
+                elif name.startswith("CU_"):
+                    signature[name] = "*i32" if varlen else f"*{dtype}"
+                elif name.isupper():
+                    signature[name] = f"*{dtype}"
+                elif name in ("qk_scale", "scale"):
+                    signature[name] = "fp32"
+                else:
+                    signature[name] = "i32"
+                    # Llama launches: row and head strides, head counts and lengths are
+                    # multiples of 16; GQA group sizes (4, 8) and batch strides of varlen (0) vary.
+                    if name.startswith("stride_") or name in ("q_heads", "seq_q", "seq_k"):
+                        hints[name] = 16
+            yield kernel, signature, constexprs, options, hints

@@ -148,23 +148,32 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can use, for
-    the hidden sizes we ship (BLOCK_N spans all powers of two a supported size rounds to)."""
+    """Every (kernel, signature, constexprs, num_warps, launch_hints) the launchers above can
+    use, for the hidden sizes we ship (BLOCK_N spans all powers of two a supported size
+    rounds to). launch_hints (see llama_fast.compile_check), for a Llama launch: the token
+    count M and, from BLOCK_N 16 up, the hidden size N and the row strides (N, or 0 without
+    R/DH) are multiples of 16; rows_per_program is a multiple of BLOCK_M."""
     dtypes = [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")]
     for block_n in [2**i for i in range(2, 17)]:
         cfg = launch_config(block_n)
         warps = cfg.pop("num_warps")
+        n16 = 16 if block_n >= 16 else None
+        hints = {"M": 16, "rows_per_program": 16 if cfg["BLOCK_M"] % 16 == 0 else None, **dict.fromkeys(
+            ["N", "stride_x", "stride_r", "stride_y", "stride_h", "stride_dy", "stride_dh", "stride_dx"], n16)}
         for xt, wt in dtypes if block_n == 4096 else dtypes[:1]:
             yt = "fp32" if "fp32" in (xt, wt) else xt
             for flag in (False, True):
-                yield _rms_norm_fwd_kernel, {
+                sig = {
                     "X": f"*{xt}", "R": f"*{xt}", "W": f"*{wt}", "Y": f"*{yt}", "H": f"*{xt}",
                     "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
                     "stride_h": "i32", "eps": "fp32",
-                }, dict(cfg, HAS_RESIDUAL=flag), warps
-                yield _rms_norm_bwd_kernel, {
+                }
+                yield (_rms_norm_fwd_kernel, sig, dict(cfg, HAS_RESIDUAL=flag), warps,
+                       {k: v for k, v in hints.items() if k in sig and v})
+                sig = {
                     "DY": f"*{yt}", "DH": f"*{xt}", "H": f"*{xt}", "W": f"*{wt}", "DX": f"*{xt}",
                     "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_dh": "i32",
                     "stride_h": "i32", "stride_dx": "i32", "eps": "fp32", "rows_per_program": "i32",
-                }, dict(cfg, HAS_DH=flag), warps
-
+                }
+                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), warps,
+                       {k: v for k, v in hints.items() if k in sig and v})

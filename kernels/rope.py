@@ -117,15 +117,20 @@ def rope_fwd(q, k, cos, sin, interleaved, inverse):
 
 def compile_configs():
     """The configurations the launcher uses for Llama-3 shapes (head dims 64 and 128 with
-    32/8 or 64/8 heads, and 256 for the largest tile), each layout and direction."""
+    32/8 or 64/8 heads, and 256 for the largest tile), each layout and direction.
+    launch_hints (see llama_fast.compile_check): last-dim strides are 1; seq_len, half_dim,
+    head counts of 16 or more and the other strides (products of those; 0 for a shared
+    table) are multiples of 16."""
     shapes = [(32, 8, 64), (32, 8, 128), (8, 8, 256)]  # 64/8 heads launch as 32/8 do
     for (hq, hk, d), (xt, ct) in [(sh, ("bf16", "fp32")) for sh in shapes] + [((32, 8, 128), (t, t)) for t in ("fp16", "fp32", "bf16")]:
         cfg = launch_config(hq, hk, d)
         warps = cfg.pop("num_warps")
         signature = {"Q": f"*{xt}", "K": f"*{xt}", "COS": f"*{ct}", "SIN": f"*{ct}", "QO": f"*{xt}", "KO": f"*{xt}"}
-        ints = ["seq_len", "q_heads", "k_heads", "half_dim"] + [
-            f"stride_{t}{a}" for t in ("q", "k", "qo", "ko") for a in "bshd"] + ["stride_cb", "stride_cs", "stride_cd"]
-        signature.update({name: "i32" for name in ints})
+        strides = [f"stride_{t}{a}" for t in ("q", "k", "qo", "ko") for a in "bshd"] + [
+            "stride_cb", "stride_cs", "stride_cd"]
+        signature.update({name: "i32" for name in ["seq_len", "q_heads", "k_heads", "half_dim"] + strides})
+        hints = {"seq_len": 16, "half_dim": 16, **{s: 1 if s.endswith("d") else 16 for s in strides},
+                 **{name: 16 for name, h in (("q_heads", hq), ("k_heads", hk)) if h % 16 == 0}}
         for interleaved in (False, True):
             for inverse in (False, True):
-                yield _rope_kernel, signature, dict(cfg, INTERLEAVED=interleaved, INVERSE=inverse), warps
+                yield _rope_kernel, signature, dict(cfg, INTERLEAVED=interleaved, INVERSE=inverse), warps, hints

@@ -116,16 +116,24 @@ def swiglu_bwd(dy, gate, up, dgate, dup):
 
 
 def compile_configs():
-    """Every launch configuration: BLOCK_N takes each power of two up to MAX_BLOCK_N."""
+    """Every launch configuration: BLOCK_N takes each power of two up to MAX_BLOCK_N.
+    launch_hints (see llama_fast.compile_check), for N = BLOCK_N (at MAX_BLOCK_N: Llama
+    intermediate sizes) and contiguous rows: N and the row strides are multiples of 16 from
+    16 up and 1 at 1; the token count M is a multiple of 16."""
     for block_n in [2**i for i in range(0, 11)]:
         cfg = launch_config(block_n)
         warps = cfg.pop("num_warps")
+        n_hint = 16 if block_n >= 16 else 1 if block_n == 1 else None
+        hints = {"M": 16, **dict.fromkeys(
+            ["N", "stride_dy", "stride_g", "stride_u", "stride_y", "stride_dg", "stride_du"], n_hint)}
         for t in ("bf16", "fp16", "fp32") if block_n == MAX_BLOCK_N else ("bf16",):
-            yield _swiglu_fwd_kernel, {
+            sig = {
                 "G": f"*{t}", "U": f"*{t}", "Y": f"*{t}", "M": "i32", "N": "i32",
                 "stride_g": "i32", "stride_u": "i32", "stride_y": "i32",
-            }, cfg, warps
-            yield _swiglu_bwd_kernel, {
+            }
+            yield _swiglu_fwd_kernel, sig, cfg, warps, {k: v for k, v in hints.items() if k in sig and v}
+            sig = {
                 "DY": f"*{t}", "G": f"*{t}", "U": f"*{t}", "DG": f"*{t}", "DU": f"*{t}", "M": "i32", "N": "i32",
                 "stride_dy": "i32", "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32",
-            }, cfg, warps
+            }
+            yield _swiglu_bwd_kernel, sig, cfg, warps, {k: v for k, v in hints.items() if k in sig and v}

@@ -65,6 +65,8 @@ KERNEL_MODULES = (
     "llama_fast.kernels.rms_norm",
     "llama_fast.kernels.rope",
     "llama_fast.kernels.swiglu",
+    "llama_fast.kernels.flash_attn",
+    "llama_fast.kernels.flash_decode",
 )
 DEFAULT_ARCHS = (80, 90)
 
@@ -109,9 +111,12 @@ _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64
 _FAKE_INT = {1: 1, 16: 16, None: 3}
 
 
-def _unpack(config: tuple) -> tuple:
-    fn, signature, constexprs, num_warps, *rest = config
-    return fn, signature, constexprs, num_warps, (rest[0] if rest else {})
+def unpack_config(config: tuple) -> tuple:
+    """``(fn, signature, constexprs, options, launch_hints)``: the 4th element of a config is
+    num_warps, or a dict of compile options (num_warps, num_stages); hints default to none."""
+    fn, signature, constexprs, options, *rest = config
+    options = dict(options) if isinstance(options, dict) else {"num_warps": options}
+    return fn, signature, constexprs, options, (rest[0] if rest else {})
 
 
 def _pointer_types(signature: dict) -> tuple:
@@ -121,13 +126,13 @@ def _pointer_types(signature: dict) -> tuple:
 def _representative(module: str, index: int) -> bool:
     """Whether the configuration has the pointer types of its kernel's first configuration
     (the general variant's subset)."""
-    configs = [_unpack(c) for c in _configs(module)]
+    configs = [unpack_config(c) for c in _configs(module)]
     fn, signature = configs[index][:2]
     first = next(sig for f, sig, *_ in configs if f is fn)
     return _pointer_types(signature) == _pointer_types(first)
 
 
-def _launch_specialization(fn, signature: dict, constexprs: dict, num_warps: int, hints: dict, arch: int):
+def _launch_specialization(fn, signature: dict, constexprs: dict, options: dict, hints: dict, arch: int):
     """``(signature, constexprs, attrs)`` exactly as Triton's launcher builds them for
     aligned tensors and integers valued as ``hints`` says (see the module docstring)."""
     import torch
@@ -151,7 +156,7 @@ def _launch_specialization(fn, signature: dict, constexprs: dict, num_warps: int
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(constexprs, num_warps=num_warps)
+    kwargs = dict(constexprs, **options)
     bound_args, specialization, options = binder(**{n: fake(n, t) for n, t in signature.items()}, **kwargs)
     _, launch_sig, launch_constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     # The fake values must reproduce the written types, but for the hinted 1s.
@@ -164,10 +169,10 @@ def _launch_specialization(fn, signature: dict, constexprs: dict, num_warps: int
 
 def _compile_one(task: tuple) -> dict:
     module, index, arch, variant = task
-    fn, signature, constexprs, num_warps, hints = _unpack(_configs(module)[index])
+    fn, signature, constexprs, options, hints = unpack_config(_configs(module)[index])
     result = {
         "module": module, "config": index, "variant": variant, "kernel": fn.__name__, "arch": arch,
-        "constexprs": dict(constexprs), "num_warps": num_warps,
+        "constexprs": dict(constexprs), "num_warps": options["num_warps"], "num_stages": options.get("num_stages"),
         "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
         "launch_hints": dict(hints), "specialized": None,
         "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?",
@@ -179,7 +184,7 @@ def _compile_one(task: tuple) -> dict:
 
         if variant == "launch":
             full_signature, all_constexprs, attrs = _launch_specialization(
-                fn, signature, constexprs, num_warps, hints, arch)
+                fn, signature, constexprs, options, hints, arch)
             names = fn.arg_names
             result["specialized"] = {
                 "equal_to_1": [n for n in signature if full_signature[n] == "constexpr"],
@@ -187,12 +192,13 @@ def _compile_one(task: tuple) -> dict:
             }
         else:
             # Triton 3.6 wants every constexpr in the signature too, typed "constexpr".
-            full_signature, all_constexprs, attrs = dict(signature, **{n: "constexpr" for n in constexprs}), constexprs, None
+            full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
+            all_constexprs, attrs = constexprs, None
         src = triton.compiler.ASTSource(fn=fn, signature=full_signature, constexprs=all_constexprs, attrs=attrs)
         ptxas_log = io.StringIO()  # Triton prints it (TRITON_DUMP_PTXAS_LOG) after ptxas runs
         start = time.perf_counter()
         with contextlib.redirect_stdout(ptxas_log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         result["compile_s"] = round(time.perf_counter() - start, 3)
         result["shared"] = int(compiled.metadata.shared)
         result.update(_cuobjdump_usage(compiled.asm["cubin"]))
@@ -214,7 +220,8 @@ def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False
             if v == "launch" or general_all or (arch == max(archs) and _representative(m, i))]
 
 
-def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES, general_all: bool = False) -> list[dict]:
+def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
+          general_all: bool = False) -> list[dict]:
     """Compile every configuration of ``modules`` for each arch and variant; one dict per
     task of ``tasks``, in that order. A failure's exception message is in ``"error"``."""
     from triton import knobs
@@ -247,15 +254,14 @@ def format_table(results: list[dict]) -> str:
     grouped: dict = {}
     for r in results:
         grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
-    header = ("kernel", "sm", "types", "constexprs", "warps", "smem", "regs L/G", "stack L/G",
+    header = ("kernel", "sm", "types", "constexprs", "warps", "smem L/G", "regs L/G", "stack L/G",
               "spill st/ld launch", "general")
     rows = [header]
     for variants in grouped.values():
         launch, general = variants.get("launch"), variants.get("general")
         first = launch or general
-        ok = next((r for r in (launch, general) if r is not None and not r["error"]), None)
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
-                     str(ok["shared"]) if ok else "FAILED", pair(launch, general, "registers"),
+                     pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
