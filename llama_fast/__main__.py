@@ -3,6 +3,9 @@
   info        versions, the GPU, and which backends are available (and why not)
   selfcheck   run every op forward and backward once on every available backend and
               compare it with the PyTorch reference; exits non-zero on a mismatch
+  demo        build a Llama 3 (a checkpoint, or a random config scaled to the machine), patch
+              it, check patched against unpatched logits (exits non-zero on a mismatch),
+              generate, and time prefill, decoding and a training step, unpatched and patched
 """
 from __future__ import annotations
 
@@ -90,12 +93,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU and available backends")
     sub.add_parser("selfcheck", help="run every op once on every backend and compare with the reference")
+    from llama_fast.demo import add_arguments  # imports torch only: triton is not imported yet
+
+    add_arguments(sub.add_parser("demo", help="patch a Llama 3, check it, generate and time it"))
     args = parser.parse_args(argv)
     if args.command == "info":
         import llama_fast
 
         print(json.dumps(llama_fast.info(), indent=2))
         return 0
+    if args.command == "demo":
+        _enable_interpreter_on_cpu()
+        from llama_fast.demo import run
+
+        return run(args)
     return selfcheck()
 
 

@@ -10,10 +10,22 @@ one around an existing module's Parameters (the same objects: nothing is copied)
     apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
                                      Hugging Face's signature and layouts, on llama_fast.apply_rope
 
+For the reference model (``llama_fast.model``, Meta's names):
+
+    MetaRotary()                     forward(q, k, cos, sin) = apply_rope(..., interleaved=True)
+    MetaAttention                    wq, wk, wv, wo, rotary, kv_cache; flash_attn / flash_decode /
+                                     flash_attn_varlen, SDPA for what they cannot serve
+    MetaTransformerBlock             attention, feed_forward, attention_norm, ffn_norm; the
+                                     residual add and ffn_norm in one add_rms_norm
+
 Inputs the ops do not take (float64, a norm weight in a third dtype) run the eager formula
 of the module replaced instead of raising: a drop-in never fails where the original works.
 """
 from __future__ import annotations
+
+import collections
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +33,17 @@ from torch import Tensor, nn
 
 from llama_fast.ops import SUPPORTED_DTYPES, apply_rope, rms_norm, swiglu
 
-__all__ = ["RMSNorm", "SwiGLUMLP", "apply_rotary_pos_emb", "rotary_half_tables", "share_into"]
+__all__ = [
+    "ATTENTION_CALLS",
+    "MetaAttention",
+    "MetaRotary",
+    "MetaTransformerBlock",
+    "RMSNorm",
+    "SwiGLUMLP",
+    "apply_rotary_pos_emb",
+    "rotary_half_tables",
+    "share_into",
+]
 
 
 def share_into(target: nn.Module, source: nn.Module) -> None:
@@ -40,6 +62,11 @@ def share_into(target: nn.Module, source: nn.Module) -> None:
             target._buffers[name] = buf
     for name, child in source._modules.items():
         if name in target._modules:
+            target._modules[name] = child
+        elif name in target.__dict__ and target.__dict__[name] is None:
+            # An optional child slot left as a plain None attribute (the reference model's
+            # ``kv_cache`` before ``setup_cache``): the child made since goes there.
+            del target.__dict__[name]
             target._modules[name] = child
     target.training = source.training
 
@@ -147,8 +174,9 @@ class SwiGLUMLP(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._names = tuple(names)
-        for n, p in zip(names, projections):
-            setattr(new, n, p)
+        # In the module's own order, so parameters() and state_dict() keep their order.
+        for n in sorted(names, key=list(module._modules).index):
+            setattr(new, n, getattr(module, n))
         new.training = module.training
         return new
 
@@ -209,3 +237,249 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsquee
         q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), c, s)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
     return apply_rope(q, k, c, s)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference model (llama_fast.model): Meta's module and parameter names
+
+
+def _patching_counter() -> collections.Counter:
+    from llama_fast.patching import ATTENTION_CALLS
+
+    return ATTENTION_CALLS
+
+
+# Keys of llama_fast.patching.ATTENTION_CALLS for MetaAttention start with this.
+META_CALLS_PREFIX = "meta: "
+_META_WARNED: set[str] = set()
+
+
+class MetaRotary(nn.Module):
+    """``llama_fast.model.Rotary`` on ``apply_rope(..., interleaved=True)``: q (B, S, Hq, D),
+    k (B, S, Hkv, D), cos/sin (B, S, D/2) or (S, D/2) float32; no parameters. Inputs the op
+    does not take (float64, odd shapes) run the reference formula."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "MetaRotary":
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            raise TypeError(f"{type(module).__name__} has parameters or buffers: not the parameterless Rotary")
+        new = cls()
+        new.training = module.training
+        return new
+
+    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        ok = (q.dim() == 4 and k.dim() == 4 and q.dtype == k.dtype and q.dtype in SUPPORTED_DTYPES
+              and cos.dtype in SUPPORTED_DTYPES and cos.shape == sin.shape and q.shape[-1] % 2 == 0
+              and q.device == k.device == cos.device
+              and tuple(cos.shape) in ((q.shape[1], q.shape[-1] // 2), (q.shape[0], q.shape[1], q.shape[-1] // 2)))
+        if not ok:
+            from llama_fast.model import Rotary
+
+            return Rotary.forward(self, q, k, cos, sin)
+        return apply_rope(q, k, cos.detach(), sin.detach(), interleaved=True)
+
+
+_POS_MEMO: list = [None, -1, None]  # weakref to the last positions tensor, its _version, its summary
+
+
+def _positions_summary(pos: Tensor) -> tuple[bool, bool, bool, int]:
+    """(B, S) positions -> (layout_ok, no_pads, same_last, last of row 0), in one host sync.
+
+    layout_ok: in every row the pad tokens (negative positions) come first and the others
+    are consecutive, which is what the kernels' bottom-right causal alignment needs (and
+    what ``generate`` and the training forward produce). Every layer of a forward gets the
+    same positions tensor: the summary is remembered for it (and its version counter)."""
+    ref, version, summary = _POS_MEMO
+    if ref is not None and ref() is pos and version == pos._version:
+        return summary
+    valid = pos >= 0
+    monotone = (valid[:, 1:] >= valid[:, :-1]).all()
+    consecutive = ((pos[:, 1:] - pos[:, :-1] == 1) | ~valid[:, :-1]).all()
+    last = pos[:, -1]
+    flags = torch.stack([(monotone & consecutive).long(), valid.all().long(), (last == last[0]).all().long(), last[0]])
+    layout_ok, no_pads, same_last, last0 = flags.tolist()
+    summary = (bool(layout_ok), bool(no_pads), bool(same_last), int(last0))
+    _POS_MEMO[:] = [weakref.ref(pos), pos._version, summary]
+    return summary
+
+
+def _varlen_rows(q: Tensor, k: Tensor, v: Tensor, q_valid: Tensor, k_valid: Tensor) -> Tensor:
+    """Attention of (B, Sq, Hq, D) queries over (B, Sk, Hkv, D) keys through
+    flash_attn_varlen on the valid tokens of each row (bool masks (B, Sq), (B, Sk)); within
+    a row the valid queries are the last valid keys (bottom-right causal). Invalid query
+    rows come out as zeros."""
+    from llama_fast.ops import flash_attn_varlen
+
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    q_idx = q_valid.reshape(-1).nonzero().squeeze(1)
+    k_idx = k_valid.reshape(-1).nonzero().squeeze(1)
+    q_len = q_valid.sum(1, dtype=torch.int32)
+    k_len = k_valid.sum(1, dtype=torch.int32)
+    cu_q = F.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
+    max_q, max_k = (int(n) for n in torch.stack([q_len.max(), k_len.max()]).tolist())
+    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
+    kv = [t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx) for t in (k, v)]
+    out = flash_attn_varlen(qv, kv[0], kv[1], cu_q, cu_k, max_q, max_k, causal=True)
+    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+
+
+class MetaAttention(nn.Module):
+    """``llama_fast.model.Attention`` on the llama_fast attention ops, with the same
+    parameters (wq, wk, wv, wo), ``rotary`` child, ``kv_cache`` and forward contract.
+
+    Paths (``llama_fast.patching.ATTENTION_CALLS`` counts them, keys "meta: ..."):
+
+    * mask None, no cache (the training forward): ``flash_attn``, causal. No host sync, so
+      ``torch.compile(fullgraph=True)`` traces it.
+    * a mask (positions given): the mask is the one ``Transformer.forward`` derives from
+      the positions, so the positions decide. When in every row pads come first and the
+      other positions are consecutive (the training layout, ``generate``'s left-padded
+      prompts and every decoding step), with one host sync per forward:
+        - no cache: no pads -> ``flash_attn``; pads -> ``flash_attn_varlen`` on the valid tokens;
+        - cache, no pads, at most ``DECODE_MAX_QUERIES`` queries, no grad -> ``flash_decode``
+          with ``cache_seqlens = last position + 1`` (rows of different lengths included);
+        - cache, no pads, all rows at the same position -> ``flash_attn`` over cache slots
+          [0, last + 1) (bottom-right causal);
+        - otherwise -> ``flash_attn_varlen``: each row's valid queries over its slots [0, last + 1).
+    * anything else (other position layouts, dtypes or head dims the ops do not take, a
+      cache without a mask) runs the reference's SDPA formula with the given mask, counted
+      and warned about once per reason: never a silently different result.
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "MetaAttention":
+        names = ("wq", "wk", "wv", "wo")
+        if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            raise TypeError(f"{type(module).__name__} does not have nn.Linear projections {names}")
+        if any(getattr(module, n).bias is not None for n in names):
+            raise TypeError("projections with a bias are not Llama 3's")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_heads, new.n_kv_heads, new.head_dim = module.n_heads, module.n_kv_heads, module.head_dim
+        for n in names:
+            setattr(new, n, getattr(module, n))
+        new.rotary = module.rotary
+        new.kv_cache = module.kv_cache  # a module (registered) or None (a plain attribute, as in the original)
+        new.training = module.training
+        return new
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
+        cache = self.kv_cache
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
+        out = self._attend(q, k, v, input_pos, mask, cache is not None)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, input_pos, mask, cached: bool) -> Tensor:
+        from llama_fast.ops import MAX_HEAD_DIM, flash_attn, flash_decode
+        from llama_fast.patching import DECODE_MAX_QUERIES
+
+        calls = _patching_counter()
+        reason = None
+        if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES):
+            reason = f"dtypes q {q.dtype}, k/v {k.dtype}/{v.dtype}"
+        elif not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+            reason = f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})"
+        elif mask is None:
+            if not cached:
+                calls[META_CALLS_PREFIX + "flash_attn"] += 1
+                return flash_attn(q, k, v, causal=True)
+            reason = "a KV cache without a mask (Transformer.forward always passes one)"
+        elif input_pos is None:
+            reason = "a mask without input_pos"
+        if reason is None:
+            b, sq = q.shape[:2]
+            pos = input_pos if tuple(input_pos.shape) == (b, sq) else input_pos.expand(b, sq)
+            layout_ok, no_pads, same_last, last0 = _positions_summary(pos)
+            if not layout_ok:
+                reason = "positions that are not (pads, then consecutive positions) in every row"
+        if reason is not None:
+            return self._sdpa(reason, q, k, v, mask)
+
+        if not cached:
+            if no_pads:
+                calls[META_CALLS_PREFIX + "flash_attn"] += 1
+                return flash_attn(q, k, v, causal=True)
+            calls[META_CALLS_PREFIX + "flash_attn_varlen"] += 1
+            valid = pos >= 0
+            return _varlen_rows(q, k, v, valid, valid)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if no_pads and sq <= DECODE_MAX_QUERIES and not needs_grad:
+            calls[META_CALLS_PREFIX + "flash_decode"] += 1
+            return flash_decode(q, k, v, (pos[:, -1] + 1).to(torch.int32))
+        if no_pads and same_last:
+            calls[META_CALLS_PREFIX + "flash_attn (cache)"] += 1
+            n = last0 + 1
+            return flash_attn(q, k[:, :n], v[:, :n], causal=True)
+        calls[META_CALLS_PREFIX + "flash_attn_varlen (cache)"] += 1
+        slots = torch.arange(k.shape[1], device=k.device)[None]
+        return _varlen_rows(q, k, v, pos >= 0, slots <= pos[:, -1:])
+
+    def _sdpa(self, reason: str, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+        """The reference's formula (llama_fast.model.Attention), (B, S, H, D) in and out."""
+        _patching_counter()[f"{META_CALLS_PREFIX}sdpa: {reason}"] += 1
+        if reason not in _META_WARNED:
+            _META_WARNED.add(reason)
+            warnings.warn(f"llama_fast MetaAttention falls back to SDPA: {reason}", stacklevel=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
+
+
+def _norm_params(norm: nn.Module):
+    """(weight, eps) of an RMSNorm add_rms_norm can stand in for, else None."""
+    from llama_fast import model as ref
+
+    if type(norm) not in (RMSNorm, ref.RMSNorm) or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    return norm.weight, norm.eps
+
+
+class MetaTransformerBlock(nn.Module):
+    """``llama_fast.model.TransformerBlock`` sharing its four children, with the residual
+    add after attention and ``ffn_norm`` fused into one ``add_rms_norm``:
+    ``y, h = add_rms_norm(attn_out, x, ffn_norm.weight)``; ``h + feed_forward(y)``. Falls
+    back to the two steps when ffn_norm is not an RMSNorm or the op does not take the inputs."""
+
+    _CHILDREN = ("attention", "feed_forward", "attention_norm", "ffn_norm")
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "MetaTransformerBlock":
+        if not all(isinstance(getattr(module, n, None), nn.Module) for n in cls._CHILDREN):
+            raise TypeError(f"{type(module).__name__} does not have the children {cls._CHILDREN}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for n in cls._CHILDREN:
+            setattr(new, n, getattr(module, n))
+        new.training = module.training
+        return new
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        from llama_fast.ops import add_rms_norm
+
+        a = self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        params = _norm_params(self.ffn_norm)
+        if (params is not None and x.dtype in SUPPORTED_DTYPES and a.dtype == x.dtype
+                and params[0].dtype in (x.dtype, torch.float32) and params[0].shape == x.shape[-1:]):
+            y, h = add_rms_norm(a, x, params[0], params[1])
+        else:
+            h = x + a
+            y = self.ffn_norm(h)
+        return h + self.feed_forward(y)

@@ -39,6 +39,18 @@ The table
               pre-trained base class, called at the end of every model's ``__init__``) is
               wrapped so that each model built patches itself with the flags given.
 
+The reference model (family ``llama_fast_reference``)
+----------------------------------------------------
+``llama_fast.model.Transformer`` is patched with ``module`` rows only (``llama_fast.nn``):
+TransformerBlock -> MetaTransformerBlock (residual add + ffn_norm in one ``add_rms_norm``;
+under the ``rms_norm`` flag), RMSNorm -> RMSNorm, FeedForward -> SwiGLUMLP (Meta's names w1,
+w3, w2), Rotary -> MetaRotary (``apply_rope(interleaved=True)``), Attention -> MetaAttention
+(flash_attn for training and unpadded prefill, flash_decode for cached decoding,
+flash_attn_varlen for padded batches, SDPA with a warning for anything else; see its
+docstring). ``patch`` walks the tree as it changes it, so the children of a replaced block
+(shared with the original block) are patched inside the replacement; ``unpatch`` restores
+bottom-up, so the original block gets its original children back.
+
 Hugging Face extension points used (no copies of transformers' forward functions)
 ---------------------------------------------------------------------------------
 * ``AttentionInterface.register("llama_fast", hf_attention_forward)`` and
@@ -137,6 +149,7 @@ class Rule:
 
 
 _HF_LLAMA = "transformers.models.llama.modeling_llama"
+_REF = "llama_fast.model"
 
 RULES: tuple[Rule, ...] = (
     Rule("hf_llama", "rms_norm", "module", f"{_HF_LLAMA}:LlamaRMSNorm", "llama_fast.nn:RMSNorm"),
@@ -146,6 +159,15 @@ RULES: tuple[Rule, ...] = (
          scope=f"{_HF_LLAMA}:LlamaAttention", requires="llama_fast.patching:_hf_llama_rope_tables"),
     Rule("hf_llama", "attention", "attention", f"{_HF_LLAMA}:LlamaAttention", "llama_fast.patching:hf_attention_forward"),
     Rule("hf_llama", "build", "on_build", f"{_HF_LLAMA}:LlamaPreTrainedModel"),
+    # llama_fast's own reference Llama 3 (llama_fast.model). The block is matched first and
+    # its children after, inside the replacement block (patch walks the tree as it changes).
+    # The block's swap is what fuses the residual add with ffn_norm (add_rms_norm): a norm kind.
+    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:TransformerBlock", "llama_fast.nn:MetaTransformerBlock"),
+    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:RMSNorm", "llama_fast.nn:RMSNorm"),
+    Rule("llama_fast_reference", "swiglu", "module", f"{_REF}:FeedForward", "llama_fast.nn:SwiGLUMLP",
+         options=(("names", ("w1", "w3", "w2")), ("act", None))),
+    Rule("llama_fast_reference", "rope", "module", f"{_REF}:Rotary", "llama_fast.nn:MetaRotary"),
+    Rule("llama_fast_reference", "attention", "module", f"{_REF}:Attention", "llama_fast.nn:MetaAttention"),
 )
 
 
@@ -532,7 +554,16 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     if root_rule is not None:
         matched = True
         report.left_alone.append(Skip(root_rule.kind, "", "the model itself is a module to replace; patch its parent"))
-    for parent_path, parent in named:
+    visited: set[int] = set()
+
+    def walk(parent_path: str, parent: nn.Module) -> None:
+        # Top-down over the tree as it is being changed: a replacement that shares the
+        # original's children (a decoder block) has its children patched in its own
+        # _modules. The originals kept aside are not children, so they are not visited.
+        nonlocal matched
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
         originals = parent.__dict__.get("_llama_fast_originals", {})
         for name, child in list(parent._modules.items()):
             path = _join(parent_path, name)
@@ -540,27 +571,29 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                 kind, original = originals[name]
                 matched = True
                 report.already.append(Change(kind, path, type(original).__name__, type(child).__name__))
-                continue
-            rule = module_rules.get(_qualname(type(child))) if child is not None else None
-            if rule is None:
-                continue
-            matched = True
-            if not enabled[rule.kind]:
-                continue
-            why = _why_not_swappable(child)
-            if why is None and id(child) not in made:
-                try:
-                    made[id(child)] = _load(rule.replacement).from_module(child, **dict(rule.options))
-                except (TypeError, ValueError) as e:
-                    why = str(e)
-            if why is not None:
-                report.left_alone.append(Skip(rule.kind, path, why))
-                continue
-            new = made[id(child)]
-            parent._modules[name] = new
-            originals[name] = (rule.kind, child)
-            parent.__dict__["_llama_fast_originals"] = originals
-            report.replaced.append(Change(rule.kind, path, type(child).__name__, _qualname(type(new))))
+            elif child is not None and (rule := module_rules.get(_qualname(type(child)))) is not None:
+                matched = True
+                if enabled[rule.kind]:
+                    why = _why_not_swappable(child)
+                    if why is None and id(child) not in made:
+                        try:
+                            made[id(child)] = _load(rule.replacement).from_module(child, **dict(rule.options))
+                        except (TypeError, ValueError) as e:
+                            why = str(e)
+                    if why is not None:
+                        report.left_alone.append(Skip(rule.kind, path, why))
+                    else:
+                        new = made[id(child)]
+                        parent._modules[name] = new
+                        originals[name] = (rule.kind, child)
+                        parent.__dict__["_llama_fast_originals"] = originals
+                        report.replaced.append(Change(rule.kind, path, type(child).__name__, _qualname(type(new))))
+                        child = new
+            if child is not None:
+                walk(path, child)
+
+    walk("", model)
+    named = list(model.named_modules())
 
     # function rules: a scoped swap of a module global
     for rule in (r for r in rules if r.how == "function"):
@@ -625,7 +658,9 @@ def unpatch(model: nn.Module) -> PatchReport:
     ``replaced``, before = patched, after = original)."""
     report = PatchReport()
     keys = set()
-    for path, m in list(model.named_modules()):
+    # Bottom-up: a replaced module's own replaced children are restored before it is, so the
+    # original handed its children back (share_into) gets the original children.
+    for path, m in reversed(list(model.named_modules())):
         prev = m.__dict__.pop("_llama_fast_prev_attn", None)
         if prev is not None:
             m.set_attn_implementation(prev)
