@@ -165,7 +165,7 @@ def _attn_one_bwd(do, q, k, v, o, lse, causal, scale):
         dk += ds.transpose(1, 2) @ qf[:, rows] * scale
 
     def back(x, like):  # (H * group, S, D) -> (S, H, D), summing each query group
-        return x.view(-1, group, *x.shape[1:]).sum(1).transpose(0, 1).to(like.dtype)
+        return x.view(hkv, group, *x.shape[1:]).sum(1).transpose(0, 1).to(like.dtype)
 
     return dq.transpose(0, 1).to(q.dtype), back(dk, k), back(dv, v)
 

@@ -18,4 +18,6 @@ fi
 extras="${1:-}"
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-.venv/bin/python -m pip install -q "triton==3.6.0" -e "$spec"
+# numpy<2.4: Triton 3.6's interpreter (how these scripts run the kernels without a GPU)
+# breaks on NumPy 2.4; see pyproject.toml's test extra.
+.venv/bin/python -m pip install -q "triton==3.6.0" "numpy<2.4" -e "$spec"

@@ -101,3 +101,18 @@ def test_import_does_not_import_triton():
 
     code = "import sys, llama_fast; sys.exit('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_backward_runs_on_the_backend_the_forward_ran_on(monkeypatch):
+    """The backward pass may run after the ``with`` block (or on autograd's device thread):
+    it must still use the backend that was forced for the forward."""
+    picked = []
+    real_pick = backends.pick
+    monkeypatch.setattr(backends, "pick", lambda op, device: picked.append((op, real_pick(op, device))) or picked[-1][1])
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, device=DEVICE, requires_grad=True)
+    with llama_fast.backend("torch"):
+        y = llama_fast.rms_norm(x, w)
+    y.sum().backward()
+    assert ("rms_norm_bwd", "torch") in picked
+    assert all(name == "torch" for _, name in picked), picked

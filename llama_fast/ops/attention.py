@@ -15,6 +15,7 @@ from torch import Tensor
 
 from llama_fast.backends import dispatch
 
+from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
 
 MAX_HEAD_DIM = 256
@@ -98,7 +99,7 @@ def _attn_grad(ctx, dout, dlse):
     return dq, dk, dv, None, None
 
 
-_flash_attn.register_autograd(_attn_grad, setup_context=_attn_setup)
+register_autograd(_flash_attn, _attn_grad, _attn_setup)
 
 
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, softmax_scale: float | None = None,
@@ -158,7 +159,7 @@ def _varlen_grad(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_flash_attn_varlen.register_autograd(_varlen_grad, setup_context=_varlen_setup)
+register_autograd(_flash_attn_varlen, _varlen_grad, _varlen_setup)
 
 
 def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int, device) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from llama_fast.backends import dispatch
 
+from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
 
 MAX_NORM_SIZE = 65536  # one row of RMSNorm lives in registers; see kernels/rms_norm.py
@@ -92,8 +93,8 @@ def _add_rms_norm_grad(ctx, dy, dh):
     return dx, dx, dw, None
 
 
-_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
-_add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
+register_autograd(_rms_norm, _rms_norm_grad, _rms_norm_setup)
+register_autograd(_add_rms_norm, _add_rms_norm_grad, _add_rms_norm_setup)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

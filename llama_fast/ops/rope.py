@@ -8,6 +8,7 @@ from torch import Tensor
 
 from llama_fast.backends import dispatch
 
+from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
 
 
@@ -77,7 +78,7 @@ def _rope_grad(ctx, dq, dk):
     return dq_in, dk_in, None, None, None, None
 
 
-_rope.register_autograd(_rope_grad, setup_context=_rope_setup)
+register_autograd(_rope, _rope_grad, _rope_setup)
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> tuple[Tensor, Tensor]:

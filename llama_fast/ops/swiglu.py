@@ -7,6 +7,7 @@ from torch import Tensor
 from llama_fast import _alloc
 from llama_fast.backends import dispatch
 
+from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
 
 
@@ -70,8 +71,8 @@ def _swiglu_fused_grad(ctx, dy):
     return _swiglu_fused_backward(dy, *ctx.saved_tensors)
 
 
-_swiglu.register_autograd(_swiglu_grad, setup_context=_save_inputs)
-_swiglu_fused.register_autograd(_swiglu_fused_grad, setup_context=_save_inputs)
+register_autograd(_swiglu, _swiglu_grad, _save_inputs)
+register_autograd(_swiglu_fused, _swiglu_fused_grad, _save_inputs)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
