@@ -29,6 +29,7 @@ Design
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -570,9 +571,9 @@ def compile_configs():
             if role != "pre":
                 constexprs.update(CAUSAL=causal, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
             signature, hints = {}, {}
-            for param in kernel.params:
-                name = param.name
-                if param.is_constexpr:
+            # (Read the Python signature: under the interpreter ``kernel`` is not a JITFunction.)
+            for name, param in inspect.signature(kernel.fn).parameters.items():
+                if "constexpr" in str(param.annotation):
                     continue
                 if name in ("LSE", "DELTA"):
                     signature[name] = "*fp32"

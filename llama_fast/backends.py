@@ -41,11 +41,11 @@ REGISTRY: dict[str, dict[str, str]] = {
     "rope_fwd": {"torch": f"{_R}:rope_fwd", "triton": f"{_K}.rope:rope_fwd"},
     "swiglu_fwd": {"torch": f"{_R}:swiglu_fwd", "triton": f"{_K}.swiglu:swiglu_fwd"},
     "swiglu_bwd": {"torch": f"{_R}:swiglu_bwd", "triton": f"{_K}.swiglu:swiglu_bwd"},
-    "attn_fwd": {"torch": f"{_R}:attn_fwd"},
-    "attn_bwd": {"torch": f"{_R}:attn_bwd"},
-    "attn_varlen_fwd": {"torch": f"{_R}:attn_varlen_fwd"},
-    "attn_varlen_bwd": {"torch": f"{_R}:attn_varlen_bwd"},
-    "decode": {"torch": f"{_R}:decode"},
+    "attn_fwd": {"torch": f"{_R}:attn_fwd", "triton": f"{_K}.flash_attn:attn_fwd"},
+    "attn_bwd": {"torch": f"{_R}:attn_bwd", "triton": f"{_K}.flash_attn:attn_bwd"},
+    "attn_varlen_fwd": {"torch": f"{_R}:attn_varlen_fwd", "triton": f"{_K}.flash_attn:attn_varlen_fwd"},
+    "attn_varlen_bwd": {"torch": f"{_R}:attn_varlen_bwd", "triton": f"{_K}.flash_attn:attn_varlen_bwd"},
+    "decode": {"torch": f"{_R}:decode", "triton": f"{_K}.flash_decode:decode"},
 }
 
 

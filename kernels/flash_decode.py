@@ -1,0 +1,388 @@
+"""Flash decoding in Triton: attention of a few new tokens over a KV cache, split-KV.
+
+Decoding reads the whole cache for very little arithmetic, so it is bound by memory
+bandwidth, and one program per (batch, head) leaves most of the GPU idle when the batch
+is small. So the valid cache length is split across programs ("flash decoding"), and a
+second, small kernel merges the partial results.
+
+Split kernel, grid (B * Hkv * row_blocks, num_splits). A program owns ONE kv head and all
+the rows that read it: its ``group = Hq / Hkv`` query heads times the Sq new tokens, as the
+rows of one (BLOCK_M, BLOCK_D) q tile (row r is head ``r // Sq`` of the group, token
+``r % Sq``), padded to BLOCK_M >= 16 rows for ``tl.dot``. The cache is thus read once per
+kv head, not once per query head. (A group * Sq beyond MAX_BLOCK_M is cut into row_blocks
+tiles, each of which reads the cache again; Llama-3 shapes never get there.) The program
+takes its share of the sequence's key blocks -- the valid length L is read on the device
+and its cdiv(L, BLOCK_N) blocks are dealt out evenly over the splits, so short sequences
+use every split too -- and walks them BLOCK_N keys at a time with an online softmax in base
+2 (``exp2``; the softmax scale is folded with log2(e) into one multiplier of the scores).
+New token t sits at position L - Sq + t and sees keys j <= L - Sq + t (bottom-right causal
+alignment). Blocks that every row sees whole take a loop without any mask; only the last
+block(s), where the causal edge or the end of the valid length falls, take the masked
+loop. That one mask (j <= L - Sq + t) also keeps keys >= L out, and their loads are masked
+too, so whatever the cache holds beyond L (stale values, NaN) never reaches the result.
+The program writes, per row, its normalised partial output and the partial log-sum-exp
+(base 2) to float32 scratch, (B * Hq * Sq, num_splits, D) and (B * Hq * Sq, num_splits).
+A split that gets no keys (more splits than blocks, a short sequence) writes lse = -inf
+and a zero output, which the combine weighs 0.
+
+Combine kernel, grid (B * Hq * Sq,): one program per (batch, query head, token) merges its
+num_splits partial outputs with weights 2^(lse_s - max lse) / sum, BLOCK_S splits per step
+(online, so any number of splits works), and writes the output in q's dtype. A row that
+sees no key at all (token t when L - Sq + t < 0: L = 0, or L < Sq) outputs 0. With a single
+split the split kernel writes the output itself (WRITE_OUT): no scratch, no combine.
+
+CUDA graphs: no host synchronisation and no data-dependent allocation. The number of
+splits, the scratch sizes and the grid depend only on shapes (B, Hkv, Hq, Sq, Smax, D) and
+the GPU's SM count, never on cache_seqlens; lengths are read on the device and clamped to
+[0, Smax]. (num_splits=0 picks about 2 programs per SM, see choose_num_splits.)
+
+Layouts: q (B, Sq, Hq, D), caches (B, Smax, Hkv, D) with any strides but a unit stride on
+the head dim (the kernels assume it, so loads are contiguous and vectorised); a q or a
+cache with a strided last dim is copied by the launcher (for a cache that is a full copy:
+pass caches with a unit last stride); cache_seqlens is made contiguous. Batch and cache-position offsets are 64-bit
+(B * Smax * Hkv * D can pass 2^31); offsets inside a block stay 32-bit. Head dims up to 256,
+held as BLOCK_D = next_pow2(max(D, 16)) columns, masked.
+
+Precision: scores and the output accumulate in float32; P is rounded to the cache dtype
+before the P @ V product (as FlashAttention does). float32 inputs use full float32 dot
+products (``input_precision="ieee"``), not TF32, so they match a float32 reference. Under
+the Triton interpreter both dot operands are upcast to float32 (UPCAST), because the
+interpreter's 16-bit ``tl.dot`` is wrong.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llama_fast import _alloc
+
+from ._common import _sm_count, device_guard, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_blocks(
+    acc, m_i, l_i, q, k_base, v_base, lo, hi, length, q_pos, k_offs, v_offs, d_ok, stride_ks, stride_vs, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks lo..hi-1. MASKED: apply the causal/length mask (and
+    mask the loads past ``length``); else every key of every block is visible to every row."""
+    keys = tl.arange(0, BLOCK_N)
+    for blk in range(lo, hi):
+        start = blk * BLOCK_N  # positions fit 32 bits; the pointer offset takes 64
+        n0 = start.to(tl.int64)
+        if MASKED:
+            key_ok = keys < length - start
+            if EVEN_D:
+                k_mask = key_ok[None, :]
+                v_mask = key_ok[:, None]
+            else:
+                k_mask = d_ok[:, None] & key_ok[None, :]
+                v_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n0 * stride_ks + k_offs, mask=k_mask, other=0.0)
+            v = tl.load(v_base + n0 * stride_vs + v_offs, mask=v_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_base + n0 * stride_ks + k_offs)
+            v = tl.load(v_base + n0 * stride_vs + v_offs)
+        else:
+            k = tl.load(k_base + n0 * stride_ks + k_offs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + n0 * stride_vs + v_offs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        if MASKED:
+            visible = (start + keys)[None, :] <= q_pos[:, None]
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row with no visible key so far keeps m = -inf; exponentiate against 0 then
+            # (every p and alpha is exp2(-inf) = 0) instead of computing -inf - -inf = NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = m_new
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_decode_split_kernel(
+    Q, K, V, SEQLENS, O_PART, LSE_PART, OUT,
+    q_len, group, kv_heads, seqlen_max, num_splits, row_blocks,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_OUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % row_blocks
+    bh = pid // row_blocks  # b * kv_heads + kv head
+    b = (bh // kv_heads).to(tl.int64)
+    kv_head = bh % kv_heads
+
+    # This program's rows: head g of the group (query head kv_head * group + g), token t.
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rows = group * q_len
+    row_ok = rows < n_rows
+    g = rows // q_len
+    t = rows % q_len
+    head = kv_head * group + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    length = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), seqlen_max)
+    q_pos = length - q_len + t  # new token t sees keys j <= q_pos
+
+    q_at = Q + b * stride_qb + (t * stride_qs + head * stride_qh)[:, None] + d[None, :]
+    q = tl.load(q_at, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # This split's key blocks: the sequence's blocks dealt out evenly over the splits.
+    n_blocks = tl.cdiv(length, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, num_splits)
+    lo = tl.minimum(split * per_split, n_blocks)
+    hi = tl.minimum(lo + per_split, n_blocks)
+    # Blocks below n_full are visible whole to every row (the earliest new token sees
+    # keys j <= length - q_len).
+    n_full = tl.maximum(length - q_len + 1, 0) // BLOCK_N
+
+    keys = tl.arange(0, BLOCK_N)
+    # 64-bit: a (B, Hkv, Smax, D) cache viewed as (B, Smax, Hkv, D) has a head stride of Smax * D.
+    k_base = K + b * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_offs = keys[None, :] * stride_ks + d[:, None]  # (BLOCK_D, BLOCK_N): K transposed
+    v_offs = keys[:, None] * stride_vs + d[None, :]  # (BLOCK_N, BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, lo, tl.minimum(hi, n_full), length, q_pos, k_offs, v_offs, d_ok,
+        stride_ks, stride_vs, qk_scale, BLOCK_N, EVEN_D, False, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, tl.maximum(lo, n_full), hi, length, q_pos, k_offs, v_offs, d_ok,
+        stride_ks, stride_vs, qk_scale, BLOCK_N, EVEN_D, True, UPCAST, DOT_PRECISION)
+
+    seen = l_i > 0.0  # rows that saw no key (in this split) output 0 with lse -inf
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    mask = row_ok[:, None] & d_ok[None, :]
+    if WRITE_OUT:
+        out_at = OUT + b * stride_ob + (t * stride_os + head * stride_oh)[:, None] + d[None, :]
+        tl.store(out_at, o.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        # Scratch rows are (b, query head, token) = bh * group * q_len + row, each holding
+        # num_splits runs of HEAD_DIM values.
+        row_id = bh.to(tl.int64) * n_rows + rows
+        part = row_id * num_splits + split
+        tl.store(O_PART + part[:, None] * HEAD_DIM + d[None, :], o, mask=mask)
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _flash_decode_combine_kernel(
+    O_PART, LSE_PART, OUT,
+    q_len, q_heads, num_splits, stride_ob, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * q_heads + head) * q_len + token
+    t = row % q_len
+    bh = row // q_len
+    head = bh % q_heads
+    b = bh // q_heads
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    splits = tl.arange(0, BLOCK_S)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = splits < num_splits - s0
+        part = row * num_splits + s0 + splits
+        lse = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_ref)  # 0 for empty splits (lse = -inf)
+        alpha = tl.math.exp2(m - m_ref)
+        o = tl.load(O_PART + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * o, 0.0), 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(l > 0.0, l, 1.0)  # no key anywhere: acc is 0, so is the output
+    tl.store(OUT + b * stride_ob + t * stride_os + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+# Launch heuristics.
+# Keys per step: K and V tiles (BLOCK_N, BLOCK_D) of 8K-16K values each keep enough bytes
+# in flight to stream the cache at full bandwidth without spilling: 128 keys for head dims
+# up to 64, 64 keys for 128 and 256.
+BLOCK_N_SMALL_D = 128
+BLOCK_N_LARGE_D = 64
+# Rows (query heads of a group x new tokens) per tile: dot needs >= 16; beyond 64 the
+# float32 accumulator would crowd the registers, so bigger groups take several row blocks.
+MIN_BLOCK_M = 16
+MAX_BLOCK_M = 64
+# 4 warps; 8 for the head dim 256 and for tiles of more than 4096 float32 accumulator
+# values (64 rows of 128). With 16 rows every warp holds the whole q tile as its dot
+# operand, so at head dim 256 four warps need all 255 registers (sm_80); eight need ~180.
+NUM_WARPS = 4
+WIDE_NUM_WARPS = 8
+ACC_VALUES_PER_4_WARPS = 4096
+# num_splits=0: launch about PROGRAMS_PER_SM programs per SM so every SM has two resident
+# programs to overlap loads with math; on the CPU (the interpreter runs programs one after
+# another) a few programs are plenty, and a few splits still exercise the combine.
+PROGRAMS_PER_SM = 2
+CPU_PROGRAMS = 4
+# The combine merges up to MAX_COMBINE_SPLITS partial outputs per step, about 16 values
+# per thread.
+MAX_COMBINE_SPLITS = 16
+COMBINE_VALUES_PER_THREAD = 16
+# Software pipelining of the key loop: 2 stages = one K/V block in flight while the
+# previous one is used. With several programs resident per SM that is plenty of bytes in
+# flight for a bandwidth-bound loop, at half the shared memory of 3 stages (and 3 stages
+# spill registers at the 32-row and float32 tiles).
+NUM_STAGES = 2
+# Grid dimension 1 (the splits) stops at 65535.
+MAX_SPLITS = 65535
+
+
+def launch_config(group: int, q_len: int, head_dim: int) -> dict:
+    """Tile sizes and warps of the split kernel for a (group x Sq) row tile."""
+    block_d = next_pow2(max(head_dim, 16))
+    block_m = min(max(next_pow2(group * q_len), MIN_BLOCK_M), MAX_BLOCK_M)
+    wide = block_d >= 256 or block_m * block_d > ACC_VALUES_PER_4_WARPS
+    warps = WIDE_NUM_WARPS if wide else NUM_WARPS
+    return {"BLOCK_M": block_m, "BLOCK_N": BLOCK_N_SMALL_D if block_d <= 64 else BLOCK_N_LARGE_D,
+            "BLOCK_D": block_d, "num_warps": warps, "num_stages": NUM_STAGES}
+
+
+def combine_config(num_splits: int, head_dim: int) -> dict:
+    block_d = next_pow2(max(head_dim, 16))
+    block_s = min(next_pow2(num_splits), MAX_COMBINE_SPLITS)
+    warps = max(1, min(4, block_s * block_d // (32 * COMBINE_VALUES_PER_THREAD)))
+    return {"BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": warps}
+
+
+def choose_num_splits(requested: int, device: torch.device, programs_per_split: int, seqlen_max: int,
+                      block_n: int) -> int:
+    """Splits of the cache length: ``requested`` if > 0, else enough to fill the GPU; then
+    clamped to the number of key blocks of Smax (a split gets at least one block when the
+    cache is full). Shapes only, never the lengths."""
+    max_splits = min(max(1, triton.cdiv(seqlen_max, block_n)), MAX_SPLITS)
+    if requested <= 0:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            target = PROGRAMS_PER_SM * _sm_count(index)
+        else:
+            target = CPU_PROGRAMS
+        requested = triton.cdiv(target, max(1, programs_per_split))
+    return max(1, min(requested, max_splits))
+
+
+def _interpreted() -> bool:
+    return not isinstance(_flash_decode_split_kernel, triton.runtime.JITFunction)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+    """Registry entry "decode" (see ``llama_fast.reference.decode``)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    seqlen_max, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = _alloc.empty(q.shape, q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads lengths[b] at offset b
+    group = q_heads // kv_heads
+    cfg = launch_config(group, q_len, head_dim)
+    row_blocks = triton.cdiv(group * q_len, cfg["BLOCK_M"])
+    programs_per_split = batch * kv_heads * row_blocks
+    splits = choose_num_splits(num_splits, q.device, programs_per_split, seqlen_max, cfg["BLOCK_N"])
+    interpreted = _interpreted()
+    consts = dict(HEAD_DIM=head_dim, UPCAST=interpreted and q.dtype != torch.float32,
+                  # full-precision float32 dots (no TF32); 16-bit dots ignore it
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    rows = batch * q_heads * q_len
+    if splits == 1:
+        o_part = lse_part = out  # unused (WRITE_OUT)
+    else:
+        o_part = _alloc.empty((rows, splits, head_dim), torch.float32, q.device)
+        lse_part = _alloc.empty((rows, splits), torch.float32, q.device)
+    with device_guard(q.device):
+        _flash_decode_split_kernel[(programs_per_split, splits)](
+            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out if splits == 1 else o_part,
+            q_len, group, kv_heads, seqlen_max, splits, row_blocks,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+            scale * LOG2E, WRITE_OUT=splits == 1, **consts,
+        )
+        if splits > 1:
+            _flash_decode_combine_kernel[(rows,)](
+                o_part, lse_part, out, q_len, q_heads, splits, *out.stride()[:3],
+                HEAD_DIM=head_dim, **combine_config(splits, head_dim),
+            )
+    return out
+
+
+def _split_signature(dtype: str, write_out: bool) -> dict:
+    """The split kernel's signature as the launcher calls it: with WRITE_OUT the scratch
+    arguments are the output (unused); without, the output argument is the scratch."""
+    part = dtype if write_out else "fp32"
+    sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "SEQLENS": "*i32",
+           "O_PART": f"*{part}", "LSE_PART": f"*{part}", "OUT": f"*{part}"}
+    ints = ["q_len", "group", "kv_heads", "seqlen_max", "num_splits", "row_blocks",
+            "stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
+            "stride_vb", "stride_vs", "stride_vh", "stride_ob", "stride_os", "stride_oh"]
+    sig.update(dict.fromkeys(ints, "i32"))
+    sig["qk_scale"] = "fp32"
+    return sig
+
+
+def compile_configs():
+    """The configurations the launchers use for Llama-3 decoding: head dims 64 and 128 in
+    bf16 and fp16 at Sq 1 with GQA 4 or 8 (8B/70B: 32/8 and 64/8 heads; 8 x Sq 1 rounds up
+    to the same 16-row tile as 4 x 1, and the group is a run-time argument, so one compile
+    serves both), with splits and without (WRITE_OUT); speculative-decoding tiles of 32
+    rows (group 8 x Sq 4) and 64 rows (16 x 4, 8 warps); head dim 256; float32 once (full
+    precision dots, the largest tiles in shared memory); and the combine kernel.
+
+    launch_hints (see llama_fast.compile_check), for contiguous tensors: the strides are
+    multiples of 16 (products of the head dim and head counts); Smax is a multiple of 16;
+    q_len is 1 at Sq 1, row_blocks is 1 (the rows fit one tile), num_splits is 1 with
+    WRITE_OUT; the combine's split count is 16 when it reaches MAX_COMBINE_SPLITS.
+    """
+    strides = [f"stride_{t}{a}" for t in "qkvo" for a in "bsh"]
+    cases = [(dtype, 4, 1, head_dim) for dtype in ("bf16", "fp16") for head_dim in (64, 128)]
+    cases += [("bf16", 8, 4, 128), ("bf16", 16, 4, 128), ("bf16", 4, 1, 256), ("fp32", 4, 1, 128)]
+    for dtype, group, q_len, head_dim in cases:
+        cfg = launch_config(group, q_len, head_dim)
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+        consts = dict(HEAD_DIM=head_dim, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
+        for write_out in (False, True):
+            hints = {**dict.fromkeys(strides, 16), "seqlen_max": 16, "row_blocks": 1,
+                     **({"q_len": 1} if q_len == 1 else {}), **({"num_splits": 1} if write_out else {})}
+            yield (_flash_decode_split_kernel, _split_signature(dtype, write_out), dict(consts, WRITE_OUT=write_out),
+                   options, hints)
+    for dtype, head_dim, splits in [("bf16", 128, 16), ("fp16", 64, 4), ("bf16", 256, 16)]:
+        cfg = combine_config(splits, head_dim)
+        options = {"num_warps": cfg.pop("num_warps")}
+        sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dtype}", "q_len": "i32", "q_heads": "i32",
+               "num_splits": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32"}
+        hints = {"q_len": 1, "q_heads": 16, "stride_ob": 16, "stride_os": 16, "stride_oh": 16,
+                 **({"num_splits": 16} if splits == MAX_COMBINE_SPLITS else {})}
+        yield _flash_decode_combine_kernel, sig, dict(HEAD_DIM=head_dim, **cfg), options, hints
