@@ -15,7 +15,10 @@ and the exit status is 1 if anything failed:
               8192^3 matmul -> bf16_tflops
 4. bench      every op/pass of ``CASES`` at Llama-3-8B shapes in bf16, for the providers
               llama_fast (auto backend: triton on a GPU), eager (PyTorch written as Hugging
-              Face's Llama modules are) and torch.compile of the same eager functions
+              Face's Llama modules are) and torch.compile of the same eager functions;
+              then attention: flash_attn forward and backward against SDPA's flash, cuDNN
+              and memory-efficient backends and compiled flex_attention, and flash_decode
+              against SDPA (see "Attention" below)
 
 Results go to --out, else $OUT, else bench/results/<gpu-name>-<date>/: gpu_check.json,
 gpu_check.md (a table), gpu_check.log (this script's progress) and the two step logs. The
@@ -45,6 +48,36 @@ GB/s is the minimum traffic of the op (each input read once, each output written
 the formula beside each case) divided by the time: the same bytes for every provider, so it
 is throughput, comparable with the copy ceiling measured in the same run. Peak memory is
 what one call allocates above what was live before it (outputs and temporaries), in MiB.
+
+Attention
+---------
+* Prefill (op "attention"): bf16, head dim 128 (32 q / 8 kv heads, Llama-3-8B) and 64
+  (32 / 8, Llama-3.2-1B), causal and full, S = 1K, 2K, 4K, 8K, 16K with B = 16K / S, fwd
+  and bwd (timed as above). TFLOP/s = FLOPs / time with forward = 4 * B * Hq * Sq * Sk * D,
+  halved when causal, and backward = 2.5 * forward (FlashAttention's convention);
+  fraction_of_ceiling is over the measured bf16 matmul ceiling, gbps stays null. Providers:
+  llama_fast (flash_attn), sdpa_flash / sdpa_cudnn / sdpa_efficient (SDPA on transposed
+  (B, H, S, D) views under sdpa_kernel; enable_gqa=True, or K/V expanded in the call where a
+  backend refuses GQA, logged per row) and flex_attention (compiled, causal block mask; the
+  last rows of all, each shape a fresh compile).
+* Decode (op "decode"): flash_decode vs SDPA (its own backend choice; q (B, Hq, 1, D)
+  against the whole cache, non-causal as the one query is the last token), head dim 128,
+  32 / 8 heads, B = 1, 8, 32, 64 and context L = 1K, 8K, 32K, 128K with a full cache (Smax = L);
+  shapes whose K + V cache exceeds 40 GB are skipped and logged. GB/s = (K and V,
+  2 * B * L * Hkv * D * 2 bytes, plus q and out) / time, as a fraction of the copy ceiling.
+* Order and budget: the attention and decode rows run after the memory-bound rows of
+  llama_fast and eager, and before the torch.compile rows; flex_attention comes last, so
+  rows skipped for lack of --budget-s are the compiled ones. Repetitions: at 16K tokens a
+  prefill call's work grows as S, so on a GPU warm-up and reps scale as 1K / S (10 / 100
+  at 1K down to 2 / 6 at 16K, at least 5 reps): at most ~0.3 s of timed GPU work per row,
+  ~160 rows (+ 40 flex). Decode keeps 100 reps up to a 1 GB cache and scales them as
+  1 GB / cache bytes above (at least 10), and rotates small caches among enough copies
+  (up to 64) to fill 200 MB, a large one used alone. A baseline that raises for a shape
+  (another library's kernel) gives a null row and an entry under the bench step's
+  "unavailable" with the reason, not a failure; a llama_fast error is a failure.
+* --smoke: tiny shapes (B = 2 / 1, S = 32 / 64, heads 4 / 2, D = 16, causal and full; one
+  decode case, B = 1, L = 64) for llama_fast (the Triton interpreter) and SDPA's default
+  CPU kernel ("sdpa"); the CUDA-only providers give no rows.
 """
 from __future__ import annotations
 
@@ -282,6 +315,252 @@ PROVIDERS = ("llama_fast", "eager", "torch.compile")
 
 
 # ---------------------------------------------------------------------------------------
+# attention: flash_attn (prefill, fwd and bwd) and flash_decode (one token over a KV cache)
+#
+# These are not CASES entries: they are compute-bound (reported in TFLOP/s against the
+# matmul ceiling), their baselines are other kernels rather than eager code, and they run
+# over a grid of shapes.
+
+ATTN_TOKENS = 16384  # B * S for every prefill shape
+ATTN_SEQLENS = (1024, 2048, 4096, 8192, 16384)
+ATTN_HEADS = ((128, 32, 8), (64, 32, 8))  # (head dim, q heads, kv heads): Llama-3-8B, Llama-3.2-1B
+SMOKE_ATTN_TOKENS = 64
+SMOKE_ATTN_SEQLENS = (32, 64)
+SMOKE_ATTN_HEADS = ((16, 4, 2),)
+ATTN_REF_SEQLEN = 1024  # prefill reps scale as ATTN_REF_SEQLEN / S (see the docstring)
+ATTN_MIN_REPS = 5
+
+DECODE_BATCHES = (1, 8, 32, 64)
+DECODE_CONTEXTS = (1024, 8192, 32768, 131072)
+DECODE_HEADS = (128, 32, 8)
+SMOKE_DECODE = ((1, 64),)  # (batch, context)
+SMOKE_DECODE_HEADS = (16, 4, 2)
+DECODE_MAX_CACHE_BYTES = 40e9  # larger K + V caches are skipped (logged)
+DECODE_ROTATE_BYTES = 200e6  # small caches rotate among enough sets to fill this (> 50 MB L2)
+DECODE_MAX_SETS = 64
+DECODE_REF_BYTES = 1e9  # decode reps scale as DECODE_REF_BYTES / cache bytes above this
+
+# Providers. "sdpa" is F.scaled_dot_product_attention with PyTorch's own backend choice:
+# the prefill baseline in --smoke (CPU) and the decode baseline everywhere. The sdpa_*
+# providers pin one backend with sdpa_kernel; they and flex_attention are CUDA-only.
+ATTN_PROVIDERS = ("llama_fast", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
+CUDA_ONLY = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
+DECODE_PROVIDERS = ("llama_fast", "sdpa")
+ALL_PROVIDERS = PROVIDERS + tuple(p for p in ATTN_PROVIDERS if p not in PROVIDERS)
+SDPA_BACKENDS = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    batch: int
+    seqlen: int  # Sq = Sk for prefill; the context length L for decode
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+    def label(self, decode: bool = False) -> str:
+        b, s, hq, hkv, d = self.batch, self.seqlen, self.q_heads, self.kv_heads, self.head_dim
+        if decode:
+            return f"q({b},1,{hq},{d}) cache({b},{s},{hkv},{d})"
+        return f"q({b},{s},{hq},{d}) kv({b},{s},{hkv},{d}) {'causal' if self.causal else 'full'}"
+
+
+def attn_shapes(smoke: bool) -> list[AttnShape]:
+    tokens = SMOKE_ATTN_TOKENS if smoke else ATTN_TOKENS
+    seqlens = SMOKE_ATTN_SEQLENS if smoke else ATTN_SEQLENS
+    return [AttnShape(tokens // s, s, hq, hkv, d, causal)
+            for d, hq, hkv in (SMOKE_ATTN_HEADS if smoke else ATTN_HEADS)
+            for causal in (True, False) for s in seqlens]
+
+
+def decode_shapes(smoke: bool) -> list[AttnShape]:
+    d, hq, hkv = SMOKE_DECODE_HEADS if smoke else DECODE_HEADS
+    grid = SMOKE_DECODE if smoke else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
+    return [AttnShape(b, n, hq, hkv, d, False) for b, n in grid]
+
+
+def attn_flops(s: AttnShape, pass_: str) -> float:
+    """FlashAttention's convention: forward = 4 * B * Hq * Sq * Sk * D (QK^T and PV, two
+    flops per multiply-add), halved when causal; backward = 2.5 * forward (five matmuls,
+    dQ, dK, dV, dP and the recomputed QK^T, against the forward's two)."""
+    fwd = 4 * s.batch * s.q_heads * s.seqlen * s.seqlen * s.head_dim / (2 if s.causal else 1)
+    return fwd if pass_ == "fwd" else 2.5 * fwd
+
+
+def decode_bytes(s: AttnShape, e: int) -> int:
+    """K and V read once (2 * B * L * Hkv * D elements), q read and out written (B * Hq * D each)."""
+    return (2 * s.batch * s.seqlen * s.kv_heads * s.head_dim + 2 * s.batch * s.q_heads * s.head_dim) * e
+
+
+def attn_inputs(s: AttnShape, device) -> dict:
+    return {"q": _randn(s.batch, s.seqlen, s.q_heads, s.head_dim, device=device),
+            "k": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
+            "v": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device)}
+
+
+def decode_inputs(s: AttnShape, device) -> dict:
+    """A full cache: Smax = L = cache_seqlens, so both providers read exactly L entries."""
+    return {"q": _randn(s.batch, 1, s.q_heads, s.head_dim, device=device),
+            "k_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
+            "v_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
+            "cache_seqlens": torch.full((s.batch,), s.seqlen, dtype=torch.int32, device=device)}
+
+
+def sdpa_fn(backend: str | None, causal: bool, expand_kv: bool) -> Callable:
+    """SDPA on the (B, S, H, D) tensors seen as (B, H, S, D) (transposed views, no copy).
+
+    GQA: ``enable_gqa=True`` is tried first (PyTorch's flash backend takes it); a backend
+    that refuses it (in our experience the memory-efficient one, and cuDNN on some PyTorch
+    versions) is rerun with K and V expanded to Hq heads inside the timed call, as Hugging
+    Face's repeat_kv does. Which one each row used goes to the log and to the bench step's
+    ``gqa`` record."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pinned = None if backend is None else getattr(SDPBackend, backend)
+
+    def run(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        groups = q.shape[1] // k.shape[1]
+        if expand_kv and groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        kwargs = {} if expand_kv else {"enable_gqa": groups > 1}
+        if pinned is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kwargs)
+        else:
+            with sdpa_kernel(pinned):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kwargs)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _raise_recompile_limit() -> None:
+    # Each prefill shape is a fresh static compile of flex_attention; the default limit (8
+    # per function) would silently fall back to the unfused eager path for the rest.
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+            return
+
+
+@functools.lru_cache(maxsize=None)
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    _raise_recompile_limit()
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def flex_fn(s: AttnShape, device) -> Callable:
+    compiled, create_block_mask = _flex()
+    mask = None
+    if s.causal:
+        def causal_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+        mask = create_block_mask(causal_mod, None, None, s.seqlen, s.seqlen, device=device)
+
+    def run(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return compiled(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+
+    return run
+
+
+def attn_reps(cfg: Settings, s: AttnShape, device) -> tuple[int, int]:
+    """(warmup, reps) for a prefill shape: at 16K tokens the work per call grows as S, so on
+    a GPU the counts shrink as ATTN_REF_SEQLEN / S (100 reps at 1K ... 6 at 16K) and every
+    row costs about the same time."""
+    if device.type != "cuda":
+        return cfg.warmup, cfg.reps
+    scale = ATTN_REF_SEQLEN / s.seqlen
+    return max(2, round(cfg.warmup * scale)), max(ATTN_MIN_REPS, round(cfg.reps * scale))
+
+
+def decode_plan(cfg: Settings, s: AttnShape, device) -> tuple[int, int, int]:
+    """(input sets, warmup, reps) for a decode shape: on a GPU a small cache is rotated among
+    enough copies to fill DECODE_ROTATE_BYTES (so no call finds it in L2), a large one is
+    used alone (a 34 GB cache cannot be tripled), and reps shrink as 1 GB / cache bytes
+    (at least 10) above a gigabyte."""
+    if device.type != "cuda":
+        return cfg.n_sets, cfg.warmup, cfg.reps
+    nbytes = decode_bytes(s, DTYPE.itemsize)
+    n_sets = min(DECODE_MAX_SETS, max(1, -(-int(DECODE_ROTATE_BYTES) // nbytes)))
+    reps = max(10, min(cfg.reps, round(cfg.reps * DECODE_REF_BYTES / nbytes)))
+    return n_sets, min(cfg.warmup, reps), reps
+
+
+def attn_empty_row(op: str, s: AttnShape, pass_: str, provider: str) -> dict:
+    return {"op": op, "shape": s.label(decode=op == "decode"), "dtype": DTYPE_NAME, "pass": pass_,
+            "provider": provider, "ms": None, "gbps": None, "tflops": None, "fraction_of_ceiling": None,
+            "peak_mem_mb": None}
+
+
+def attn_row(s: AttnShape, pass_: str, provider: str, cfg: Settings, device, ceilings: dict, note: Callable) -> dict:
+    """One prefill row: TFLOP/s by attn_flops, as a fraction of the matmul ceiling."""
+    lf = import_llama_fast()
+    input_sets = [attn_inputs(s, device) for _ in range(cfg.n_sets)]
+    if provider == "llama_fast":
+        fn = functools.partial(lf.flash_attn, causal=s.causal)
+    elif provider == "flex_attention":
+        fn = flex_fn(s, device)
+    else:
+        fn = sdpa_fn(SDPA_BACKENDS[provider], s.causal, expand_kv=False)
+        first = input_sets[0]
+        try:
+            with torch.no_grad():
+                fn(first["q"], first["k"], first["v"])
+            note(provider, "enable_gqa")
+        except RuntimeError as exc:  # the backend refuses GQA (or the shape: then this rerun raises too)
+            note(provider, f"expand K/V ({str(exc).splitlines()[0][:200]})")
+            fn = sdpa_fn(SDPA_BACKENDS[provider], s.causal, expand_kv=True)
+    args = ("q", "k", "v")
+    calls = [make_call(fn, args, inputs, pass_, args) for inputs in input_sets]
+    warmup, reps = attn_reps(cfg, s, device)
+    ms = time_ms(calls, device, warmup, reps)
+    peak = peak_mem_mb(calls[0], device)
+    tflops = attn_flops(s, pass_) / (ms * 1e9)
+    ceiling = ceilings.get("bf16_tflops")
+    row = attn_empty_row("attention", s, pass_, provider)
+    row.update(ms=_sig(ms), tflops=_sig(tflops), fraction_of_ceiling=_sig(tflops / ceiling) if ceiling else None,
+               peak_mem_mb=None if peak is None else _sig(peak))
+    return row
+
+
+def decode_row(s: AttnShape, provider: str, cfg: Settings, device, ceilings: dict, note: Callable) -> dict:
+    """One decode row: GB/s by decode_bytes, as a fraction of the copy ceiling. SDPA gets q
+    as (B, Hq, 1, D) against the whole cache, non-causal (the one query is the last token)."""
+    n_sets, warmup, reps = decode_plan(cfg, s, device)
+    input_sets = [decode_inputs(s, device) for _ in range(n_sets)]
+    if provider == "llama_fast":
+        decode = import_llama_fast().flash_decode
+        calls = [functools.partial(decode, i["q"], i["k_cache"], i["v_cache"], i["cache_seqlens"]) for i in input_sets]
+    else:
+        first = input_sets[0]
+        fn = sdpa_fn(SDPA_BACKENDS[provider], False, expand_kv=False)
+        try:
+            fn(first["q"], first["k_cache"], first["v_cache"])
+            note(provider, "enable_gqa")
+        except RuntimeError as exc:
+            note(provider, f"expand K/V ({str(exc).splitlines()[0][:200]})")
+            fn = sdpa_fn(SDPA_BACKENDS[provider], False, expand_kv=True)
+        calls = [functools.partial(fn, i["q"], i["k_cache"], i["v_cache"]) for i in input_sets]
+    with torch.no_grad():
+        ms = time_ms(calls, device, warmup, reps)
+        peak = peak_mem_mb(calls[0], device)
+    gbps = decode_bytes(s, DTYPE.itemsize) / (ms * 1e6)
+    copy = ceilings.get("copy_gbps")
+    row = attn_empty_row("decode", s, "fwd", provider)
+    row.update(ms=_sig(ms), gbps=_sig(gbps), fraction_of_ceiling=_sig(gbps / copy) if copy else None,
+               peak_mem_mb=None if peak is None else _sig(peak))
+    return row
+
+
+# ---------------------------------------------------------------------------------------
 # timing and memory: device-agnostic entry points, one implementation per device type
 
 
@@ -368,7 +647,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def _speedup(rows: list[dict], row: dict, provider: str) -> str:
-    base = next((r for r in rows if (r["op"], r["pass"], r["provider"]) == (row["op"], row["pass"], provider)), None)
+    key = (row["op"], row["pass"], row["shape"])
+    base = next((r for r in rows if (r["op"], r["pass"], r["shape"], r["provider"]) == (*key, provider)), None)
     if base is None or base["ms"] is None or row["ms"] is None or row["ms"] <= 0:
         return "—"
     return f"{base['ms'] / row['ms']:.2f}×"
@@ -397,23 +677,67 @@ def markdown(report: dict) -> str:
         "| op | pass | shape | provider | ms | GB/s | % of copy | vs eager | vs torch.compile | peak MiB |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["rows"]:
+    rows = report["rows"]
+    case_ops = {case["op"] for case in CASES}
+    for r in (r for r in rows if r["op"] in case_ops):
         pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
         lines.append(
             f"| {r['op']} | {r['pass']} | {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} "
-            f"| {_fmt(r['gbps'], '.0f')} | {_fmt(pct, '.1f')} | {_speedup(report['rows'], r, 'eager')} "
-            f"| {_speedup(report['rows'], r, 'torch.compile')} | {_fmt(r['peak_mem_mb'], '.1f')} |"
+            f"| {_fmt(r['gbps'], '.0f')} | {_fmt(pct, '.1f')} | {_speedup(rows, r, 'eager')} "
+            f"| {_speedup(rows, r, 'torch.compile')} | {_fmt(r['peak_mem_mb'], '.1f')} |"
+        )
+    lines += [
+        "",
+        "## Attention (flash_attn)",
+        "",
+        "TFLOP/s: forward 4·B·Hq·Sq·Sk·D (halved when causal), backward 2.5× forward; "
+        "% of the bf16 matmul ceiling.",
+        "",
+        "| pass | shape | provider | ms | TFLOP/s | % of matmul | vs sdpa_flash | vs sdpa_cudnn | peak MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in (r for r in rows if r["op"] == "attention"):
+        pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
+        lines.append(
+            f"| {r['pass']} | {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} | {_fmt(r['tflops'], '.0f')} "
+            f"| {_fmt(pct, '.1f')} | {_speedup(rows, r, 'sdpa_flash')} | {_speedup(rows, r, 'sdpa_cudnn')} "
+            f"| {_fmt(r['peak_mem_mb'], '.1f')} |"
+        )
+    lines += [
+        "",
+        "## Decode (flash_decode)",
+        "",
+        "GB/s: K and V read once (2·B·L·Hkv·D·2 bytes) plus q and out; % of the copy ceiling.",
+        "",
+        "| shape | provider | ms | GB/s | % of copy | vs sdpa | peak MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in (r for r in rows if r["op"] == "decode"):
+        pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
+        lines.append(
+            f"| {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} | {_fmt(r['gbps'], '.0f')} "
+            f"| {_fmt(pct, '.1f')} | {_speedup(rows, r, 'sdpa')} | {_fmt(r['peak_mem_mb'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _row_order(row: dict) -> tuple:
-    ops = [case["op"] for case in CASES]
-    return ops.index(row["op"]), ("fwd", "bwd").index(row["pass"]), PROVIDERS.index(row["provider"])
+def _row_order(rows: list[dict]) -> Callable[[dict], tuple]:
+    """Sort key: op, then shape in the order shapes first appear (attention and decode run
+    a grid of shapes; the memory-bound ops have one each), then pass, then provider."""
+    ops = [case["op"] for case in CASES] + ["attention", "decode"]
+    first_seen: dict = {}
+    for i, r in enumerate(rows):
+        first_seen.setdefault((r["op"], r["shape"]), i)
+
+    def key(row: dict) -> tuple:
+        return (ops.index(row["op"]), first_seen[(row["op"], row["shape"])], ("fwd", "bwd").index(row["pass"]),
+                ALL_PROVIDERS.index(row["provider"]))
+
+    return key
 
 
 def write_outputs(out_dir: Path, report: dict) -> str:
-    report["rows"].sort(key=_row_order)
+    report["rows"].sort(key=_row_order(report["rows"]))
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out_dir / "gpu_check.md").write_text(table)
@@ -614,36 +938,91 @@ def llama_fast_backend(device: torch.device) -> str:
     return f"{name} (interpreter)" if name == "triton" and device.type == "cpu" else name
 
 
-def step_bench(report, cfg: Settings, device, deadline: float, log: Log, save: Callable) -> dict:
+def step_bench(report, cfg: Settings, device, deadline: float, log: Log, save: Callable, smoke: bool = False) -> dict:
     info = {"status": "ok", "shapes": asdict(cfg.shapes), "timing": _timing_note(cfg, device), "errors": [],
-            "skipped": []}
+            "skipped": [], "unavailable": [], "gqa": {}}
     try:
         info["llama_fast_backend"] = llama_fast_backend(device)
     except Exception as exc:
         info["llama_fast_backend"] = None
         info["errors"].append({"what": "import llama_fast", "error": f"{type(exc).__name__}: {exc}"})
     providers = [p for p in PROVIDERS if p != "torch.compile" or cfg.compile]
-    # llama_fast and eager first for every case, torch.compile after: if time runs short,
-    # the slow-to-compile rows are the ones skipped.
-    order = [(case, pass_, provider) for group in (providers[:2], providers[2:])
-             for case in CASES for pass_ in case["bytes"] for provider in group]
+    ceilings = report["ceilings"]
     compiled: dict = {}
-    for case, pass_, provider in order:
-        what = f"{case['op']} {pass_} {provider}"
-        reserve = COMPILE_RESERVE_S if provider == "torch.compile" else ROW_RESERVE_S
+
+    def note_gqa(what: str) -> Callable[[str, str], None]:
+        def note(provider: str, how: str) -> None:
+            info["gqa"][what] = how
+            if how != "enable_gqa":
+                log(f"{what}: GQA by {how}")
+        return note
+
+    # Jobs: (what, empty row, reserve, body, baseline). A baseline (another library's
+    # kernel) that raises for a shape is "unavailable", not a failure of this check.
+    def case_job(case, pass_, provider):
+        return (f"{case['op']} {pass_} {provider}", empty_row(case, pass_, provider, cfg.shapes),
+                COMPILE_RESERVE_S if provider == "torch.compile" else ROW_RESERVE_S,
+                lambda: bench_row(case, pass_, provider, cfg, device, ceilings, compiled), False)
+
+    def attn_job(s, pass_, provider):
+        what = f"attention {pass_} {provider} {s.label()}"
+        return (what, attn_empty_row("attention", s, pass_, provider),
+                COMPILE_RESERVE_S if provider == "flex_attention" else ROW_RESERVE_S,
+                lambda: attn_row(s, pass_, provider, cfg, device, ceilings, note_gqa(what)), provider != "llama_fast")
+
+    def decode_job(s, provider):
+        what = f"decode fwd {provider} {s.label(decode=True)}"
+        return (what, attn_empty_row("decode", s, "fwd", provider), ROW_RESERVE_S,
+                lambda: decode_row(s, provider, cfg, device, ceilings, note_gqa(what)), provider != "llama_fast")
+
+    # Order: llama_fast and eager for the memory-bound cases, then attention and decode
+    # (no compiler), then torch.compile and flex_attention: if time runs short, the
+    # slow-to-compile rows are the ones skipped.
+    attn_providers = [p for p in ATTN_PROVIDERS
+                      if p != "flex_attention" and (p not in CUDA_ONLY or device.type == "cuda")
+                      and (p != "sdpa" or smoke)]
+    jobs = [case_job(case, pass_, provider) for case in CASES for pass_ in case["bytes"] for provider in providers[:2]]
+    prefill = attn_shapes(smoke)
+    jobs += [attn_job(s, pass_, provider) for s in prefill for pass_ in ("fwd", "bwd") for provider in attn_providers]
+    for s in decode_shapes(smoke):
+        if decode_bytes(s, DTYPE.itemsize) > DECODE_MAX_CACHE_BYTES:
+            what = f"decode {s.label(decode=True)}"
+            info["unavailable"].append({"what": what, "why": f"cache over {DECODE_MAX_CACHE_BYTES / 1e9:.0f} GB"})
+            log(f"skip {what}: K + V cache {decode_bytes(s, DTYPE.itemsize) / 1e9:.0f} GB over the "
+                f"{DECODE_MAX_CACHE_BYTES / 1e9:.0f} GB limit")
+            continue
+        jobs += [decode_job(s, provider) for provider in DECODE_PROVIDERS]
+    jobs += [case_job(case, pass_, provider) for case in CASES for pass_ in case["bytes"] for provider in providers[2:]]
+    if cfg.compile and device.type == "cuda":
+        try:
+            _flex()
+            jobs += [attn_job(s, pass_, "flex_attention") for s in prefill for pass_ in ("fwd", "bwd")]
+        except Exception as exc:
+            info["unavailable"].append({"what": "flex_attention", "why": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            log(f"skip flex_attention: unavailable: {type(exc).__name__}: {exc}")
+    else:
+        log("skip flex_attention: " + ("--smoke or --skip-compile" if not cfg.compile else "no GPU"))
+
+    for what, empty, reserve, body, baseline in jobs:
         if time.monotonic() > deadline - reserve:
             info["skipped"].append(what)
-            report["rows"].append(empty_row(case, pass_, provider, cfg.shapes))
+            report["rows"].append(empty)
             log(f"skip {what}: out of time")
             continue
         start = time.monotonic()
         try:
-            row = bench_row(case, pass_, provider, cfg, device, report["ceilings"], compiled)
-            log(f"{what}: {row['ms']:.4f} ms, {row['gbps']:.0f} GB/s ({time.monotonic() - start:.1f} s)")
+            row = body()
+            rate = (f"{row['tflops']:.4g} TFLOP/s" if row["tflops"] is not None else f"{_fmt(row['gbps'], '.0f')} GB/s")
+            log(f"{what}: {row['ms']:.4f} ms, {rate} ({time.monotonic() - start:.1f} s)")
         except Exception as exc:
-            row = empty_row(case, pass_, provider, cfg.shapes)
-            info["errors"].append({"what": what, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
-            log(f"{what}: FAILED {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            row = empty
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if baseline:
+                info["unavailable"].append({"what": what, "why": reason})
+                log(f"{what}: UNAVAILABLE {reason}")
+            else:
+                info["errors"].append({"what": what, "error": reason})
+                log(f"{what}: FAILED {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         report["rows"].append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand back this row's cached blocks (eager's float32 temporaries are large)
@@ -749,7 +1128,7 @@ def main(argv=None) -> int:
          lambda: step_tests(out_dir, max(10.0, min(args.tests_timeout, remaining() - BENCH_RESERVE_S)), on_gpu)),
         ("ceilings", "--smoke or no GPU" if args.smoke or not on_gpu else None,
          lambda: step_ceilings(report, device, cfg.warmup, max(10, cfg.reps // 2))),
-        ("bench", None, lambda: step_bench(report, cfg, device, start + args.budget_s, log, save)),
+        ("bench", None, lambda: step_bench(report, cfg, device, start + args.budget_s, log, save, args.smoke)),
     ]
     for name, why_skipped, body in steps:
         run_step(report, name, skipped(why_skipped) if why_skipped else body, log, save)

@@ -54,6 +54,20 @@ def _seq_bounds(CU, b, seq_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, q_heads, group, seq_q, seq_k, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """This program's (batch, head, kv head, first query row) and its sequence's bounds.
+    Grid (batch x head, query block): heads of one GQA group run side by side and share K/V
+    in L2; the longest causal blocks (the last) start first, for a shorter tail."""
+    bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = bh // q_heads
+    h = bh % q_heads
+    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
+    return b, h, h // group, m0, q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def _causal_ranges(m0, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key ranges for query rows [m0, m0 + BLOCK_M): [0, full) needs no mask, [full, end)
     does (the diagonal and the ragged end of the keys), keys past ``end`` are invisible."""
@@ -119,17 +133,10 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Grid (batch x head, query block): heads of one GQA group run side by side and share
-    # K/V in L2; the longest causal blocks (the last) start first, for a shorter tail.
-    bh = tl.program_id(0)
-    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    b = bh // q_heads
-    h = bh % q_heads
-    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    b, h, kv_h, m0, q_start, q_len, k_start, k_len = _query_block(
+        CU_Q, CU_K, q_heads, group, seq_q, seq_k, BLOCK_M, IS_VARLEN)
     if m0 >= q_len:
         return
-    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
-    kv_h = h // group
     b64 = tl.cast(b, tl.int64)
     Q += b64 * stride_qb + q_start * stride_qs + h * stride_qh + tl.cast(m0, tl.int64) * stride_qs
     K += b64 * stride_kb + k_start * stride_ks + kv_h * stride_kh
@@ -351,17 +358,10 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Grid (batch x head, query block): heads of one GQA group run side by side and share
-    # K/V in L2; the longest causal blocks (the last) start first, for a shorter tail.
-    bh = tl.program_id(0)
-    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    b = bh // q_heads
-    h = bh % q_heads
-    q_start, q_len = _seq_bounds(CU_Q, b, seq_q, IS_VARLEN)
+    b, h, kv_h, m0, q_start, q_len, k_start, k_len = _query_block(
+        CU_Q, CU_K, q_heads, group, seq_q, seq_k, BLOCK_M, IS_VARLEN)
     if m0 >= q_len:
         return
-    k_start, k_len = _seq_bounds(CU_K, b, seq_k, IS_VARLEN)
-    kv_h = h // group
     b64 = tl.cast(b, tl.int64)
     local_m = tl.arange(0, BLOCK_M)
     offs_m = m0 + local_m
