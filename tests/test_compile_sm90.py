@@ -42,9 +42,7 @@ KNOWN_SPILLS = [
     ("_attn_fwd_kernel", 80, None, {"HEAD_DIM": 128}),
     # Secondary paths: float32 attention (IEEE dots on CUDA cores) and head dim 256.
     ("_attn_fwd_kernel", None, "fp32", {}),
-    ("_attn_bwd_dq_kernel", None, "fp32", {}),
     ("_attn_fwd_kernel", None, None, {"HEAD_DIM": 256}),
-    ("_attn_bwd_dq_kernel", None, None, {"HEAD_DIM": 256}),
 ]
 
 # Largest shared memory a block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
