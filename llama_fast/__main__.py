@@ -6,6 +6,8 @@
   demo        build a Llama 3 (a checkpoint, or a random config scaled to the machine), patch
               it, check patched against unpatched logits (exits non-zero on a mismatch),
               generate, and time prefill, decoding and a training step, unpatched and patched
+  bench       the kernel benchmarks of bench/gpu_check.py (a source checkout's bench/ folder)
+              without its install and test steps; other arguments go to it (--smoke, --out)
 """
 from __future__ import annotations
 
@@ -88,6 +90,22 @@ def selfcheck() -> int:
     return 1 if failures else 0
 
 
+def bench(argv: list[str]) -> int:
+    """Hand over to the benchmark script of the source checkout this package runs from."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    if not script.exists():
+        print("llama-fast bench: the benchmarks live in the source checkout's bench/ folder, which this "
+              f"installation does not have ({script} is missing); install llama_fast editable from a checkout",
+              file=sys.stderr)
+        return 2
+    _enable_interpreter_on_cpu()
+    cmd = [sys.executable, str(script), "--skip-install", "--skip-tests", *argv]
+    return subprocess.run(cmd, cwd=script.parent.parent).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llama-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,7 +114,12 @@ def main(argv=None) -> int:
     from llama_fast.demo import add_arguments  # imports torch only: triton is not imported yet
 
     add_arguments(sub.add_parser("demo", help="patch a Llama 3, check it, generate and time it"))
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="kernel benchmarks (bench/gpu_check.py); other arguments go to it")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         import llama_fast
 
