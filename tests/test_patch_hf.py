@@ -33,6 +33,7 @@ import llama_fast  # noqa: E402
 # By module path: a package-level export named `patch` (the function) would shadow the module.
 lfnn = importlib.import_module("llama_fast.nn")
 lfp = importlib.import_module("llama_fast.patching")
+lfha = importlib.import_module("llama_fast.hf_attention")
 
 ORIGINAL_ROPE = ml.apply_rotary_pos_emb
 # transformers 5.24 renamed the forward's past_key_values to cache (the old name is deprecated)
@@ -408,7 +409,7 @@ def test_custom_4d_mask_falls_back_to_sdpa(pair):
     allowed = torch.rand(2, 1, 8, 8) > 0.3
     allowed |= torch.eye(8, dtype=torch.bool)  # every query sees itself
     with llama_fast.backend("torch"), torch.no_grad(), pytest.warns(UserWarning, match="SDPA"):
-        lfp._WARNED.clear()
+        lfha._WARNED.clear()
         got = model(ids, attention_mask=allowed).logits
     with torch.no_grad():
         expected = ref(ids, attention_mask=allowed).logits

@@ -1,0 +1,232 @@
+"""The Hugging Face attention adapter: the attention function and the mask function that
+``llama_fast.patch`` registers under the name "llama_fast" (``ATTN_IMPLEMENTATION``) for
+transformers' Llama models (the ``attention`` row of ``llama_fast.patching.RULES``).
+
+    hf_attention_forward   registered with transformers' ``AttentionInterface``
+    hf_attention_mask      registered with transformers' ``AttentionMaskInterface``
+
+``patch`` registers both (``_register_hf_attention``) and switches the model's attention
+implementation; ``unpatch`` switches it back (see ``llama_fast.patching``). Which path served
+each call is counted in ``llama_fast.patching.ATTENTION_CALLS``. transformers is imported
+only when these functions run, and the kernels (``llama_fast.ops``) on first use.
+
+Hugging Face extension points used (no copies of transformers' forward functions)
+---------------------------------------------------------------------------------
+* ``AttentionInterface.register("llama_fast", hf_attention_forward)`` and
+  ``model.set_attn_implementation("llama_fast")``: LlamaAttention looks its attention function
+  up by ``config._attn_implementation`` on every call.
+* ``AttentionMaskInterface.register("llama_fast", hf_attention_mask)``: without a mask
+  function registered under the same name, ``create_causal_mask`` returns None for a custom
+  implementation and padded batches would be silently wrong. Ours returns None when there is
+  no padding; the 2-D (B, Sk) boolean padding mask when there is; (B, S) int32 segment ids
+  for packed sequences (position_ids restarting within a row, no mask, no cache: it builds
+  ``sdpa_mask``'s 4-D mask and reads the segments off it when it is block-diagonal causal;
+  a single segment per row, which is what ``torch.compile``'s tracing of that detection
+  yields, is None again); and for anything else (sliding windows, or/and mask functions,
+  bidirectional masks, static caches, whose queries are not the last keys) the 4-D mask of
+  ``sdpa_mask``, on which the attention function falls back to SDPA.
+
+Attention function (``hf_attention_forward``): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) come in
+as HF lays them out and go to the ops as transposed views; GQA is native (no repeat_kv).
+
+* no mask: ``flash_attn`` (causal is bottom-right aligned, so keys longer than queries, a KV
+  cache after a prefix, are right); a few queries over a longer cache without grad (decoding)
+  use ``flash_decode`` with every cache entry valid.
+* a mask means causal attention restricted by it (as in SDPA, where a given mask overrides
+  ``is_causal``).
+* 2-D padding mask: the valid tokens are gathered (``nonzero``, one host sync, as HF's FA2
+  path does) and run through ``flash_attn_varlen``; within a sequence the valid queries are
+  the last valid keys, so bottom-right causal over the gathered tokens is exactly "key j <=
+  query i and j not padding", for left, right or any padding and with a cache (generate()
+  with left padding). Padded query rows come out as zeros.
+* segment ids (packed sequences): ``flash_attn_varlen`` over the rows as they are, one
+  sequence per (row, segment), no gather.
+* 4-D or custom masks, sliding windows, softcap, dtypes or head dims the ops do not take:
+  SDPA (transformers' own ``sdpa`` attention function), counted in ``ATTENTION_CALLS``
+  and warned about once per reason.
+* dropout > 0 (training with ``attention_dropout``) raises: the kernels have no dropout.
+
+Under ``torch.compile`` the layers trace into one graph on the no-padding path; the mask
+function breaks the graph once per forward when transformers hands it its traced
+packed-sequence check (data-dependent tests on the mask, as in HF's own FA2 path), and the
+padded and packed paths break the graph in every layer (``nonzero`` and the host-side
+lengths ``flash_attn_varlen`` takes). Static caches (``cache_implementation="static"``) go
+to SDPA: their mask covers the whole preallocated cache and queries are not the last keys.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from llama_fast.patching import ATTENTION_CALLS, ATTN_IMPLEMENTATION, DECODE_MAX_QUERIES
+
+__all__ = ["hf_attention_forward", "hf_attention_mask"]
+
+_WARNED: set[str] = set()  # SDPA fallback reasons already warned about (once each)
+
+
+def _register_hf_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_attention_mask)
+
+
+def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """The mask function registered with ``AttentionMaskInterface`` (see the module docstring).
+
+    Returns what ``hf_attention_forward`` serves: None (causal, no padding); a (B, kv_length)
+    bool padding mask (causal within the valid tokens); a (B, S) int32 tensor of segment ids
+    (packed sequences: causal within each run of equal ids); or else ``sdpa_mask``'s 4-D mask,
+    which the attention function hands to SDPA.
+    """
+    from transformers import masking_utils
+
+    ints = all(isinstance(n, int) for n in (q_offset, kv_offset, kv_length, q_length))
+    plain = (
+        mask_function is masking_utils.causal_mask_function and ints
+        and kv_offset == 0 and q_offset + q_length == kv_length
+        and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                                        and tuple(attention_mask.shape) == (batch_size, kv_length)))
+    )
+    if plain:
+        if attention_mask is None:
+            return None
+        mask = attention_mask.to(torch.bool)
+        return None if bool(mask.all()) else mask
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                   kv_offset=kv_offset, mask_function=mask_function or masking_utils.causal_mask_function,
+                                   attention_mask=attention_mask, **kwargs)
+    if ints and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
+        segments = _causal_segments(mask)
+        if segments is not None:
+            # One segment per row is plain causal: what packed-sequence detection gives when
+            # torch.compile traces it (it cannot look at the position_ids).
+            return None if bool((segments[:, -1] == 0).all()) else segments
+    return mask
+
+
+def _causal_segments(mask):
+    """If the 4-D bool mask (B, 1, S, S) is block-diagonal causal (packed sequences: each
+    query sees the keys from the start of its run up to itself), its (B, S) int32 segment
+    ids (0, 1, ... along each row); else None."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    m = mask[:, 0]
+    s = m.shape[-1]
+    if m.shape[-2] != s or s == 0:
+        return None
+    ar = torch.arange(s, device=m.device)
+    start = m.to(torch.uint8).argmax(-1)  # first visible key of each query
+    expected = (ar >= start[..., None]) & (ar <= ar[:, None])
+    new = start == ar  # query i starts a segment
+    prev = torch.nn.functional.pad(start, (1, 0))[:, :-1]
+    if not (torch.equal(m, expected) and bool((new | (start == prev)).all())):
+        return None
+    return (new.cumsum(-1, dtype=torch.int32) - 1).to(torch.int32)
+
+
+def _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ATTENTION_CALLS[f"sdpa: {reason}"] += 1
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"llama_fast attention falls back to SDPA: {reason}", stacklevel=3)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _unserved(query, key, value, attention_mask, is_causal, kwargs) -> str | None:
+    from llama_fast.ops import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        return "a 4-D or custom attention mask (sliding window, bidirectional, user-made, or a static cache)"
+    for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            return f"{name} is not supported by the llama_fast kernels"
+    if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
+        return f"dtypes q {query.dtype}, k {key.dtype}, v {value.dtype}"
+    d = query.shape[-1]
+    if key.shape[-1] != d or value.shape[-1] != d or not 1 <= d <= MAX_HEAD_DIM:
+        return f"head dims q {d}, k {key.shape[-1]}, v {value.shape[-1]} (must be equal, at most {MAX_HEAD_DIM})"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads for {key.shape[1]} key heads"
+    if attention_mask is None and is_causal and query.shape[2] > key.shape[2]:
+        return "more queries than keys under a causal mask"
+    return None
+
+
+def _varlen(q, k, v, mask, scale):
+    """Attention of padded (B, S, H, D) tensors through flash_attn_varlen on the valid tokens."""
+    from llama_fast.ops import flash_attn_varlen
+
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    kmask = mask.to(torch.bool)
+    qmask = kmask[:, sk - sq:]
+    k_idx = kmask.reshape(-1).nonzero().squeeze(1)
+    q_idx = qmask.reshape(-1).nonzero().squeeze(1)
+    k_len = kmask.sum(1, dtype=torch.int32)
+    q_len = qmask.sum(1, dtype=torch.int32)
+    cu_k = torch.nn.functional.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.nn.functional.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
+    max_k, max_q = int(k_len.max()), int(q_len.max())
+    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
+    kv_rows = lambda t: t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx)  # noqa: E731
+    out = flash_attn_varlen(qv, kv_rows(k), kv_rows(v), cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=scale)
+    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+
+
+def _packed(q, k, v, segments, scale):
+    """Causal attention within each run of equal segment ids of each row, (B, S, H, D)
+    tensors: every (row, segment) is one sequence of flash_attn_varlen, no gather needed."""
+    from llama_fast.ops import flash_attn_varlen
+
+    b, s, hq, d = q.shape
+    row = torch.arange(b, device=segments.device, dtype=torch.int64)[:, None] * s
+    _, lengths = torch.unique_consecutive((row + segments).reshape(-1), return_counts=True)
+    cu = torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
+    longest = int(lengths.max())
+    rows = lambda t: t.reshape(b * s, t.shape[2], d)  # noqa: E731
+    out = flash_attn_varlen(rows(q), rows(k), rows(v), cu, cu, longest, longest, causal=True, softmax_scale=scale)
+    return out.view(b, s, hq, d)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """The attention function registered with ``AttentionInterface`` as "llama_fast"
+    (see the module docstring). Returns ((B, Sq, Hq, D), None): no attention weights."""
+    from llama_fast.ops import flash_attn, flash_decode
+
+    if dropout:
+        raise ValueError(f"llama_fast attention has no dropout (got dropout={dropout}): set "
+                         "config.attention_dropout = 0.0, or train with another attention implementation")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    reason = _unserved(query, key, value, attention_mask, is_causal, kwargs)
+    if reason is not None:
+        return _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    if attention_mask is not None:  # as hf_attention_mask makes them: a mask means causal, whatever is_causal says
+        if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (b, sk):
+            ATTENTION_CALLS["flash_attn_varlen"] += 1
+            return _varlen(q, k, v, attention_mask, scaling), None
+        if attention_mask.dtype == torch.int32 and tuple(attention_mask.shape) == (b, sq) and sq == sk:
+            ATTENTION_CALLS["flash_attn_varlen (packed)"] += 1
+            return _packed(q, k, v, attention_mask, scaling), None
+        raise ValueError(f"llama_fast attention: a 2-D mask must be the bool (batch, keys)=({b}, {sk}) padding mask or "
+                         f"the int32 (batch, queries) segment ids of hf_attention_mask, got {attention_mask.dtype} "
+                         f"{tuple(attention_mask.shape)}")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if is_causal and sq < sk and sq <= DECODE_MAX_QUERIES and not needs_grad:
+        ATTENTION_CALLS["flash_decode"] += 1
+        seqlens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        return flash_decode(q, k, v, seqlens, softmax_scale=scaling), None
+    ATTENTION_CALLS["flash_attn"] += 1
+    return flash_attn(q, k, v, causal=is_causal, softmax_scale=scaling), None
