@@ -68,6 +68,16 @@ def _query_block(CU_Q, CU_K, q_heads, group, seq_q, seq_k, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _load_tile(P, b64, stride_b, row0, stride_s, head, stride_h, local, offs_d, mask, UPCAST: tl.constexpr):
+    """Rows row0 + local of one head of sequence b: a 64-bit base, 32-bit offsets inside."""
+    base = P + b64 * stride_b + row0 * stride_s + head * stride_h
+    tile = tl.load(base + (local[:, None] * stride_s + offs_d[None, :]), mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _causal_ranges(m0, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key ranges for query rows [m0, m0 + BLOCK_M): [0, full) needs no mask, [full, end)
     does (the diagonal and the ragged end of the keys), keys past ``end`` are invisible."""
@@ -192,10 +202,8 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = ((m0 + local_m) < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row0 = q_start + m0
-    o = tl.load(O + b64 * stride_ob + row0 * stride_os + h * stride_oh + (local_m[:, None] * stride_os + offs_d[None, :]),
-                mask=mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh + (local_m[:, None] * stride_dos + offs_d[None, :]),
-                 mask=mask, other=0.0)
+    o = _load_tile(O, b64, stride_ob, row0, stride_os, h, stride_oh, local_m, offs_d, mask, False)
+    do = _load_tile(DO, b64, stride_dob, row0, stride_dos, h, stride_doh, local_m, offs_d, mask, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start + m0 + local_m, delta, mask=(m0 + local_m) < q_len)
 
@@ -270,13 +278,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     key_row0 = k_start + n0
-    k = tl.load(K + b64 * stride_kb + key_row0 * stride_ks + kv_h * stride_kh + (local_n[:, None] * stride_ks + offs_d[None, :]),
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + key_row0 * stride_vs + kv_h * stride_vh + (local_n[:, None] * stride_vs + offs_d[None, :]),
-                mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K, b64, stride_kb, key_row0, stride_ks, kv_h, stride_kh, local_n, offs_d, kv_mask, UPCAST)
+    v = _load_tile(V, b64, stride_vb, key_row0, stride_vs, kv_h, stride_vh, local_n, offs_d, kv_mask, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -368,13 +371,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row0 = q_start + m0
-    q = tl.load(Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh + (local_m[:, None] * stride_qs + offs_d[None, :]),
-                mask=mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh + (local_m[:, None] * stride_dos + offs_d[None, :]),
-                 mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q, b64, stride_qb, row0, stride_qs, h, stride_qh, local_m, offs_d, mask, UPCAST)
+    do = _load_tile(DO, b64, stride_dob, row0, stride_dos, h, stride_doh, local_m, offs_d, mask, UPCAST)
     stats = b64 * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
     lse, delta = _load_row_stats(LSE + stats, DELTA + stats, offs_m, q_len)
     K += b64 * stride_kb + k_start * stride_ks + kv_h * stride_kh
