@@ -363,4 +363,8 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     for name, p in single.named_parameters():
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), f"ranks differ on {name}"
         assert_close(ranks[0]["grads"][name], p.grad, f"grad of {name}", tol=2e-4)
-        assert_close(ranks[0]["params"][name], p.detach(), f"{name} after {steps} steps", tol=2e-4)
+        # Adam divides by sqrt(v): for elements with tiny gradients it turns a 1e-6 relative
+        # difference in the gradient into a much larger one in the update, so parameters
+        # are compared in units of the learning rate (a wrong gradient moves them ~lr).
+        err = (ranks[0]["params"][name] - p.detach()).abs().max().item()
+        assert err <= 0.05 * 3e-3 * steps, f"{name} after {steps} steps: max error {err:.3g}"
