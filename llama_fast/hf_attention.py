@@ -162,39 +162,22 @@ def _unserved(query, key, value, attention_mask, is_causal, kwargs) -> str | Non
 
 
 def _varlen(q, k, v, mask, scale):
-    """Attention of padded (B, S, H, D) tensors through flash_attn_varlen on the valid tokens."""
-    from llama_fast.ops import flash_attn_varlen
+    """Attention of padded (B, S, H, D) tensors on the valid tokens of the 2-D mask."""
+    from llama_fast.ops.attention import padded_attention
 
-    b, sq, hq, d = q.shape
-    sk = k.shape[1]
     kmask = mask.to(torch.bool)
-    qmask = kmask[:, sk - sq:]
-    k_idx = kmask.reshape(-1).nonzero().squeeze(1)
-    q_idx = qmask.reshape(-1).nonzero().squeeze(1)
-    k_len = kmask.sum(1, dtype=torch.int32)
-    q_len = qmask.sum(1, dtype=torch.int32)
-    cu_k = torch.nn.functional.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = torch.nn.functional.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
-    max_k, max_q = int(k_len.max()), int(q_len.max())
-    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
-    kv_rows = lambda t: t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx)  # noqa: E731
-    out = flash_attn_varlen(qv, kv_rows(k), kv_rows(v), cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=scale)
-    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+    return padded_attention(q, k, v, kmask[:, k.shape[1] - q.shape[1]:], kmask, softmax_scale=scale)
 
 
 def _packed(q, k, v, segments, scale):
     """Causal attention within each run of equal segment ids of each row, (B, S, H, D)
-    tensors: every (row, segment) is one sequence of flash_attn_varlen, no gather needed."""
-    from llama_fast.ops import flash_attn_varlen
+    tensors: every (row, segment) is one packed sequence, no gather needed."""
+    from llama_fast.ops.attention import packed_attention
 
-    b, s, hq, d = q.shape
+    b, s = segments.shape
     row = torch.arange(b, device=segments.device, dtype=torch.int64)[:, None] * s
     _, lengths = torch.unique_consecutive((row + segments).reshape(-1), return_counts=True)
-    cu = torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
-    longest = int(lengths.max())
-    rows = lambda t: t.reshape(b * s, t.shape[2], d)  # noqa: E731
-    out = flash_attn_varlen(rows(q), rows(k), rows(v), cu, cu, longest, longest, causal=True, softmax_scale=scale)
-    return out.view(b, s, hq, d)
+    return packed_attention(q, k, v, lengths, softmax_scale=scale)
 
 
 def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -304,25 +304,10 @@ def _positions_summary(pos: Tensor) -> tuple[bool, bool, bool, int]:
 
 
 def _varlen_rows(q: Tensor, k: Tensor, v: Tensor, q_valid: Tensor, k_valid: Tensor) -> Tensor:
-    """Attention of (B, Sq, Hq, D) queries over (B, Sk, Hkv, D) keys through
-    flash_attn_varlen on the valid tokens of each row (bool masks (B, Sq), (B, Sk)); within
-    a row the valid queries are the last valid keys (bottom-right causal). Invalid query
-    rows come out as zeros."""
-    from llama_fast.ops import flash_attn_varlen
+    """Attention on the valid tokens of each row (see ``llama_fast.ops.attention.padded_attention``)."""
+    from llama_fast.ops.attention import padded_attention
 
-    b, sq, hq, d = q.shape
-    sk = k.shape[1]
-    q_idx = q_valid.reshape(-1).nonzero().squeeze(1)
-    k_idx = k_valid.reshape(-1).nonzero().squeeze(1)
-    q_len = q_valid.sum(1, dtype=torch.int32)
-    k_len = k_valid.sum(1, dtype=torch.int32)
-    cu_q = F.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_k = F.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
-    max_q, max_k = (int(n) for n in torch.stack([q_len.max(), k_len.max()]).tolist())
-    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
-    kv = [t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx) for t in (k, v)]
-    out = flash_attn_varlen(qv, kv[0], kv[1], cu_q, cu_k, max_q, max_k, causal=True)
-    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+    return padded_attention(q, k, v, q_valid, k_valid)
 
 
 class MetaAttention(nn.Module):

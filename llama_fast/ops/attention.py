@@ -199,6 +199,43 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
 
 
+def _offsets(lengths: Tensor) -> Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *, softmax_scale: float | None = None) -> Tensor:
+    """Causal attention of (B, S, H, D) rows holding back-to-back sequences (packing):
+    ``lengths`` (number of sequences,) int lists them in order across the flattened rows.
+    The offsets are built here, so they need no check: one synchronisation (the longest)."""
+    b, s, hq, d = q.shape
+    longest = int(lengths.max())
+    cu = _offsets(lengths)
+    rows = lambda t: t.reshape(b * s, t.shape[2], d)  # noqa: E731
+    scale = _check_scale(softmax_scale, d)
+    return _flash_attn_varlen(rows(q), rows(k), rows(v), cu, cu, longest, longest, True, scale)[0].view(b, s, hq, d)
+
+
+def padded_attention(q: Tensor, k: Tensor, v: Tensor, q_valid: Tensor, k_valid: Tensor, *,
+                     softmax_scale: float | None = None) -> Tensor:
+    """Causal attention of padded (B, Sq, Hq, D) queries over (B, Sk, Hkv, D) keys on their
+    valid tokens only (bool masks (B, Sq) and (B, Sk)): the valid tokens are gathered into
+    flash_attn_varlen's packed layout; within a row the valid queries are the last valid keys
+    (bottom-right causal). Padded query rows come out as zeros. The offsets are built here,
+    so they need no check: one synchronisation (the longest sequences)."""
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    q_idx = q_valid.reshape(-1).nonzero().squeeze(1)
+    k_idx = k_valid.reshape(-1).nonzero().squeeze(1)
+    q_len = q_valid.sum(1, dtype=torch.int32)
+    k_len = k_valid.sum(1, dtype=torch.int32)
+    max_q, max_k = (int(n) for n in torch.stack([q_len.max(), k_len.max()]).tolist())
+    qv = q.reshape(b * sq, hq, d).index_select(0, q_idx)
+    kv = [t.reshape(b * sk, t.shape[2], d).index_select(0, k_idx) for t in (k, v)]
+    scale = _check_scale(softmax_scale, d)
+    out = _flash_attn_varlen(qv, kv[0], kv[1], _offsets(q_len), _offsets(k_len), max_q, max_k, True, scale)[0]
+    return out.new_zeros(b * sq, hq, d).index_copy(0, q_idx, out).view(b, sq, hq, d)
+
+
 # ---------------------------------------------------------------------------------------
 # flash_decode
 
