@@ -177,8 +177,8 @@ def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, ma
     if not _host_checks_allowed():
         return
     # One synchronisation buys the guarantee that the kernels stay inside the tensors.
-    for name, cu, total, longest in (("cu_seqlens_q", cu_q, total_q, max_q), ("cu_seqlens_k", cu_k, total_k, max_k)):
-        offsets = cu.tolist()
+    both = torch.stack((cu_q, cu_k)).tolist()
+    for name, offsets, total, longest in (("cu_seqlens_q", both[0], total_q, max_q), ("cu_seqlens_k", both[1], total_k, max_k)):
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
         if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] != total:
             raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {offsets}")
