@@ -8,11 +8,13 @@ Backends
   torch   the float32-accumulating PyTorch reference (``llama_fast.reference``); any device.
   triton  the Triton kernels (``llama_fast.kernels``); CUDA tensors, or CPU tensors when
           ``TRITON_INTERPRET=1`` is set (the Triton interpreter, for testing).
-  cuda    the CUDA C++ extension ``llama_fast._C``; CUDA tensors.
+  cuda    the CUDA C++ extension ``llama_fast._C`` (``llama_fast.cuda_ops``); CUDA tensors.
+          What its kernels do not cover goes to the Triton kernels (``cuda_ops.ROUTED``).
 
-``auto`` (the default) picks cuda, then triton, on CUDA tensors, and torch on CPU tensors
-(triton when the interpreter is on). ``backend(name)`` forces one for a block of code, and
-the ``LLAMA_FAST_BACKEND`` variable sets the default; a forced backend that cannot serve an
+``auto`` (the default) picks, on CUDA tensors, the first available backend of the op's
+``AUTO_ORDER_CUDA`` entry, and torch on CPU tensors (triton when the interpreter is on).
+``backend(name)`` forces one for a block of code, and the ``LLAMA_FAST_BACKEND`` variable
+sets the default; a forced backend that cannot serve an
 input raises ``BackendUnavailableError`` rather than quietly running something else.
 """
 from __future__ import annotations
@@ -28,25 +30,31 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
-_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 _R = "llama_fast.reference"
 _K = "llama_fast.kernels"
+_C = "llama_fast.cuda_ops"
 
 # op -> backend -> "module:function". Every op has a torch entry: it is the reference the
 # others are tested against and the fallback when nothing faster can serve.
 REGISTRY: dict[str, dict[str, str]] = {
-    "rms_norm_fwd": {"torch": f"{_R}:rms_norm_fwd", "triton": f"{_K}.rms_norm:rms_norm_fwd"},
-    "rms_norm_bwd": {"torch": f"{_R}:rms_norm_bwd", "triton": f"{_K}.rms_norm:rms_norm_bwd"},
-    "rope_fwd": {"torch": f"{_R}:rope_fwd", "triton": f"{_K}.rope:rope_fwd"},
-    "swiglu_fwd": {"torch": f"{_R}:swiglu_fwd", "triton": f"{_K}.swiglu:swiglu_fwd"},
-    "swiglu_bwd": {"torch": f"{_R}:swiglu_bwd", "triton": f"{_K}.swiglu:swiglu_bwd"},
-    "attn_fwd": {"torch": f"{_R}:attn_fwd", "triton": f"{_K}.flash_attn:attn_fwd"},
-    "attn_bwd": {"torch": f"{_R}:attn_bwd", "triton": f"{_K}.flash_attn:attn_bwd"},
-    "attn_varlen_fwd": {"torch": f"{_R}:attn_varlen_fwd", "triton": f"{_K}.flash_attn:attn_varlen_fwd"},
-    "attn_varlen_bwd": {"torch": f"{_R}:attn_varlen_bwd", "triton": f"{_K}.flash_attn:attn_varlen_bwd"},
-    "decode": {"torch": f"{_R}:decode", "triton": f"{_K}.flash_decode:decode"},
+    "rms_norm_fwd": {"torch": f"{_R}:rms_norm_fwd", "triton": f"{_K}.rms_norm:rms_norm_fwd", "cuda": f"{_C}:rms_norm_fwd"},
+    "rms_norm_bwd": {"torch": f"{_R}:rms_norm_bwd", "triton": f"{_K}.rms_norm:rms_norm_bwd", "cuda": f"{_C}:rms_norm_bwd"},
+    "rope_fwd": {"torch": f"{_R}:rope_fwd", "triton": f"{_K}.rope:rope_fwd", "cuda": f"{_C}:rope_fwd"},
+    "swiglu_fwd": {"torch": f"{_R}:swiglu_fwd", "triton": f"{_K}.swiglu:swiglu_fwd", "cuda": f"{_C}:swiglu_fwd"},
+    "swiglu_bwd": {"torch": f"{_R}:swiglu_bwd", "triton": f"{_K}.swiglu:swiglu_bwd", "cuda": f"{_C}:swiglu_bwd"},
+    "attn_fwd": {"torch": f"{_R}:attn_fwd", "triton": f"{_K}.flash_attn:attn_fwd", "cuda": f"{_C}:attn_fwd"},
+    "attn_bwd": {"torch": f"{_R}:attn_bwd", "triton": f"{_K}.flash_attn:attn_bwd", "cuda": f"{_C}:attn_bwd"},
+    "attn_varlen_fwd": {"torch": f"{_R}:attn_varlen_fwd", "triton": f"{_K}.flash_attn:attn_varlen_fwd", "cuda": f"{_C}:attn_varlen_fwd"},
+    "attn_varlen_bwd": {"torch": f"{_R}:attn_varlen_bwd", "triton": f"{_K}.flash_attn:attn_varlen_bwd", "cuda": f"{_C}:attn_varlen_bwd"},
+    "decode": {"torch": f"{_R}:decode", "triton": f"{_K}.flash_decode:decode", "cuda": f"{_C}:decode"},
 }
+
+# Which backend auto tries first on CUDA tensors, per op. cuda goes first for an op once a
+# GPU run of bench/gpu_check.py has shown its kernel correct and faster than triton's; no
+# GPU has run the CUDA kernels yet, so every op starts with triton, and backend("cuda")
+# or LLAMA_FAST_BACKEND=cuda opts in.
+AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "torch") for op in REGISTRY}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -142,7 +150,7 @@ def pick(op: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend {choice!r} cannot serve {op}: {why}")
         return choice
     if device.type == "cuda":
-        order = _AUTO_ORDER_CUDA
+        order = AUTO_ORDER_CUDA[op]
     elif device.type == "cpu" and triton_interpreter_on():
         order = ("triton", "torch")
     else:

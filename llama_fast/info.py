@@ -16,6 +16,18 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _cuda_extension() -> dict:
+    """What the CUDA extension was built for, and what its backend routes to Triton."""
+    try:
+        from llama_fast import _C
+    except ImportError as exc:
+        return {"built": False, "reason": str(exc).splitlines()[0]}
+    from llama_fast import cuda_ops
+
+    return {"built": True, "cuda_archs": _C.cuda_archs, "nvcc": _C.nvcc_version,
+            "routed_to_triton": dict(cuda_ops.ROUTED)}
+
+
 def info() -> dict:
     """Versions, the GPU, and for each backend whether it is available and, if not, why."""
     gpu = None
@@ -34,6 +46,7 @@ def info() -> dict:
         status[name] = {"available": why is None, "reason": why, "ops": ops}
     return {
         "llama_fast": _version("llama_fast"),
+        "cuda_extension": _cuda_extension(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

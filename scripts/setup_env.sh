@@ -20,4 +20,7 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # numpy<2.4: Triton 3.6's interpreter (how these scripts run the kernels without a GPU)
 # breaks on NumPy 2.4; see pyproject.toml's test extra.
-.venv/bin/python -m pip install -q "triton==3.6.0" "numpy<2.4" -e "$spec"
+# With nvcc on the machine this builds the CUDA extension llama_fast._C (2-3 minutes on 2
+# cores); warnings in our CUDA/C++ sources fail the build here, as they must in CI.
+LLAMA_FAST_WERROR="${LLAMA_FAST_WERROR:-1}" \
+    .venv/bin/python -m pip install -q "triton==3.6.0" "numpy<2.4" -e "$spec"

@@ -1,0 +1,153 @@
+// Helpers shared by the CUDA kernels: launch checks, dtype dispatch, float conversion,
+// vectorised access and reductions. Device code only needs this file and llama_fast.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "llama_fast.h"
+
+namespace llama_fast {
+
+// ---------------------------------------------------------------------------------------
+// Launch checks. begin_launch makes the tensors' device current (a caller may have another
+// one current) and fails clearly when there is no usable GPU; end_launch turns a failed
+// launch into an exception naming the kernel.
+
+[[noreturn]] inline void fail(const char* kernel, const std::string& what) {
+  throw std::runtime_error(std::string("llama_fast._C: ") + kernel + ": " + what);
+}
+
+inline void check_cuda(cudaError_t err, const char* kernel, const char* call) {
+  if (err != cudaSuccess) {
+    fail(kernel, std::string(call) + " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+inline void begin_launch(const Launch& at, const char* kernel) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    fail(kernel, std::string("no usable CUDA device (cudaGetDeviceCount: ") +
+                     (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)) + ")");
+  }
+  if (at.device < 0 || at.device >= count) {
+    fail(kernel, "device index " + std::to_string(at.device) + " out of range (" + std::to_string(count) + " devices)");
+  }
+  check_cuda(cudaSetDevice(at.device), kernel, "cudaSetDevice");
+}
+
+inline void end_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel, "kernel launch"); }
+
+inline cudaStream_t stream_of(const Launch& at) { return static_cast<cudaStream_t>(at.stream); }
+
+// ---------------------------------------------------------------------------------------
+// Element types.
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round to nearest even, as torch's .to(dtype) does.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// x rounded to T and back: the roundings the eager modules make in the middle of an op.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
+
+// Calls body.template operator()<T>() with T the C++ type of dtype:
+//   dispatch_dtype(a.dtype, "rope", [&](auto tag) { using T = decltype(tag); ... });
+template <typename Body>
+inline void dispatch_dtype(DType dtype, const char* kernel, Body&& body) {
+  switch (dtype) {
+    case DType::kFloat32: body(float{}); return;
+    case DType::kFloat16: body(__half{}); return;
+    case DType::kBFloat16: body(__nv_bfloat16{}); return;
+  }
+  fail(kernel, "unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+// The dtype torch.promote_types gives for two of ours.
+inline DType promote(DType a, DType b) { return a == b ? a : DType::kFloat32; }
+
+// ---------------------------------------------------------------------------------------
+// Vectorised access: VEC elements of T in one load or store of VEC * sizeof(T) bytes.
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(pack.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+// Widest vector (in elements, a power of two up to 16 bytes / elem_bytes) such that every
+// pointer is aligned to it and every row stride and the row length are multiples of it:
+// then every access of the kernel is aligned. Null pointers are ignored.
+inline int vector_width(int elem_bytes, std::initializer_list<const void*> ptrs,
+                        std::initializer_list<int64_t> counts) {
+  int vec = 16 / elem_bytes;
+  while (vec > 1) {
+    bool ok = true;
+    for (const void* p : ptrs) ok = ok && (p == nullptr || reinterpret_cast<uintptr_t>(p) % (vec * elem_bytes) == 0);
+    for (int64_t c : counts) ok = ok && (c % vec == 0);
+    if (ok) break;
+    vec /= 2;
+  }
+  return vec;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions.
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Sum over all threads of the block; every thread gets the result. scratch: 32 floats of
+// shared memory. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  x = warp_sum(x);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < warps ? scratch[lane] : 0.0f;
+  return warp_sum(x);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace llama_fast
