@@ -34,9 +34,10 @@ def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="auto on CUDA tensors needs a GPU")
-def test_auto_on_cuda_prefers_compiled_backends():
-    expected = "cuda" if backends.backend_status("cuda") is None else "triton"
-    assert backends.pick("rms_norm_fwd", DEVICE) == expected
+def test_auto_on_cuda_follows_the_per_op_order():
+    for op, order in backends.AUTO_ORDER_CUDA.items():
+        expected = next(name for name in order if backends.device_reason(name, DEVICE) is None)
+        assert backends.pick(op, DEVICE) == expected, op
 
 
 def test_context_manager_forces_and_restores():

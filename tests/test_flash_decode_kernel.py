@@ -1,4 +1,5 @@
-"""The Triton flash-decoding kernels (``llama_fast.kernels.flash_decode``) against a float64
+"""The flash-decoding kernels, Triton (``llama_fast.kernels.flash_decode``) and CUDA
+(``llama_fast.cuda_ops.decode``, on a GPU with the extension built), against a float64
 reference written here: GQA/MQA/MHA, head dims, Sq 1 and 4, cache lengths from 0 to Smax,
 explicit and chosen split counts (more splits than key blocks included), NaN beyond the
 valid length, strided caches, and the launch heuristics (shapes only, never lengths).
@@ -27,6 +28,20 @@ def _fd():
     from llama_fast.kernels import flash_decode  # imports triton: after conftest set the interpreter up
 
     return flash_decode
+
+
+def _decoder(impl: str):
+    if impl == "triton":
+        return _fd().decode
+    from llama_fast import cuda_ops
+
+    return cuda_ops.decode
+
+
+_CUDA_WHY = backends.device_reason("cuda", DEVICE)
+# Every correctness test runs each implementation; the CUDA one needs a GPU and the extension.
+each_impl = pytest.mark.parametrize("impl", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    _CUDA_WHY is not None, reason=f"the cuda backend cannot run here: {_CUDA_WHY}"))])
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,9 +101,9 @@ def make_inputs(batch, q_len, q_heads, kv_heads, head_dim, smax, lengths, dtype,
     return q, k, v, seqlens
 
 
-def run_and_check(q, k, v, seqlens, num_splits, dtype, what, scale=None):
+def run_and_check(impl, q, k, v, seqlens, num_splits, dtype, what, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = _fd().decode(q, k, v, seqlens, scale, num_splits)
+    out = _decoder(impl)(q, k, v, seqlens, scale, num_splits)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, reference(q, k, v, seqlens.cpu(), scale), dtype, what)
     return out
@@ -113,47 +128,52 @@ CASES = [
 
 @pytest.mark.parametrize("q_len,q_heads,kv_heads,head_dim,dtype,num_splits", CASES,
                          ids=[f"sq{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-{str(c[4])[6:]}-splits{c[5]}" for c in CASES])
-def test_matches_reference(q_len, q_heads, kv_heads, head_dim, dtype, num_splits):
+@each_impl
+def test_matches_reference(impl, q_len, q_heads, kv_heads, head_dim, dtype, num_splits):
     smax = 150  # 2 key blocks of 128 (head dim <= 64) or 3 of 64, the last one partial
     # Full (a partial last block), a single key (fewer than Sq at Sq 4), and a multiple of
     # the block size (at Sq 4 the last whole block is cut by the causal edge).
     lengths = [smax, 1, 128]
     q, k, v, seqlens = make_inputs(3, q_len, q_heads, kv_heads, head_dim, smax, lengths, dtype)
-    run_and_check(q, k, v, seqlens, num_splits, dtype, "out")
+    run_and_check(impl, q, k, v, seqlens, num_splits, dtype, "out")
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
-def test_split_counts_agree(num_splits):
+@each_impl
+def test_split_counts_agree(impl, num_splits):
     """Any number of splits gives the result: uneven shares (4 blocks over 3 splits: 2, 2
     and an empty one), more splits than key blocks (64: clamped to 4), and more splits than
     a short sequence has blocks (empty splits: lse -inf, weight 0)."""
     lengths = [200, 37, 4]  # 4, 1 and 1 blocks of 64 keys (head dim 128)
     q, k, v, seqlens = make_inputs(3, 4, 8, 2, 128, 200, lengths, torch.float32)
-    run_and_check(q, k, v, seqlens, num_splits, torch.float32, f"out with {num_splits} splits")
+    run_and_check(impl, q, k, v, seqlens, num_splits, torch.float32, f"out with {num_splits} splits")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_rows_that_see_no_key_are_zero(num_splits):
+@each_impl
+def test_rows_that_see_no_key_are_zero(impl, num_splits):
     """L = 0 (nothing valid), and L < Sq: the first Sq - L new tokens see no key."""
     q, k, v, seqlens = make_inputs(3, 4, 4, 2, 64, 130, [0, 2, 130], torch.bfloat16)
-    out = run_and_check(q, k, v, seqlens, num_splits, torch.bfloat16, "out")
+    out = run_and_check(impl, q, k, v, seqlens, num_splits, torch.bfloat16, "out")
     assert (out[0] == 0).all() and (out[1, :2] == 0).all()
     assert (out[1, 2:] != 0).any()
 
 
-def test_lengths_are_clamped_on_the_device():
+@each_impl
+def test_lengths_are_clamped_on_the_device(impl):
     """Lengths past Smax count as Smax, negative ones as 0 (no host check, no sync)."""
     q, k, v, seqlens = make_inputs(2, 1, 4, 1, 64, 70, [70, 0], torch.float32)
     seqlens = torch.tensor([1000, -5], dtype=torch.int32, device=DEVICE)
-    out = _fd().decode(q, k, v, seqlens, 0.125, 2)
+    out = _decoder(impl)(q, k, v, seqlens, 0.125, 2)
     assert_close(out, reference(q, k, v, [70, 0], 0.125), torch.float32, "out")
 
 
 @pytest.mark.parametrize("layout", ["heads_first", "sliced", "strided_last"])
-def test_strided_inputs(layout):
+@each_impl
+def test_strided_inputs(impl, layout):
     q, k, v, seqlens = make_inputs(2, 4, 8, 2, 64, 140, [140, 50], torch.bfloat16, layout)
     seqlens = torch.stack((seqlens, torch.full_like(seqlens, -7)), dim=1)[:, 0]  # a strided view too
-    run_and_check(q, k, v, seqlens, 2, torch.bfloat16, f"out ({layout})", scale=0.3)
+    run_and_check(impl, q, k, v, seqlens, 2, torch.bfloat16, f"out ({layout})", scale=0.3)
 
 
 def test_public_op_dispatches_to_the_triton_kernel():
@@ -226,11 +246,12 @@ def test_launch_config_tiles():
             assert cfg["BLOCK_M"] >= group * q_len  # the whole group in one tile: the cache is read once
 
 
-def test_many_rows_take_several_row_blocks():
+@each_impl
+def test_many_rows_take_several_row_blocks(impl):
     """group * Sq above MAX_BLOCK_M (MQA with 32 query heads, Sq 4): several row tiles."""
     q, k, v, seqlens = make_inputs(1, 4, 32, 1, 32, 40, [40], torch.float32)
     assert 32 * 4 > _fd().MAX_BLOCK_M
-    run_and_check(q, k, v, seqlens, 2, torch.float32, "out")
+    run_and_check(impl, q, k, v, seqlens, 2, torch.float32, "out")
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,7 +260,8 @@ def test_many_rows_take_several_row_blocks():
 
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
                     reason="needs a CUDA GPU with 40 GiB: caches past 2^31 elements")
-def test_cache_offsets_past_int32():
+@each_impl
+def test_cache_offsets_past_int32(impl):
     """The last batch of the caches starts past element 2^31 (B * Smax * Hkv * D > 2^31)."""
     smax, kv_heads, head_dim, valid = 2**20 + 64, 8, 128, 300  # 2^30 + 2^16 elements per batch
     k = torch.empty(3, smax, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
@@ -248,6 +270,6 @@ def test_cache_offsets_past_int32():
     v[:, :valid].normal_()
     q = torch.randn(3, 1, 32, head_dim, device=DEVICE, dtype=torch.bfloat16)
     seqlens = torch.tensor([valid, 5, valid], dtype=torch.int32, device=DEVICE)
-    out = _fd().decode(q, k, v, seqlens, 1 / math.sqrt(head_dim), 0)
+    out = _decoder(impl)(q, k, v, seqlens, 1 / math.sqrt(head_dim), 0)
     expected = reference(q, k[:, :valid], v[:, :valid], seqlens.cpu(), 1 / math.sqrt(head_dim))
     assert_close(out, expected, torch.bfloat16, "out")
