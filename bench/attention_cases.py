@@ -1,38 +1,29 @@
-"""The attention cases of bench/gpu_check.py: flash_attn (prefill) and flash_decode.
+"""The attention cases of the benchmarks: flash_attn (prefill) and flash_decode.
 
-Shape grids, input builders, FLOP and byte formulas, the baseline providers (SDPA with a
-pinned backend, compiled flex_attention) and the per-shape repetition plans; the rows
-themselves are measured by bench/rows.py.
+Input builders, FLOP and byte formulas, the SDPA and compiled flex_attention baselines and
+the per-shape repetition plans; the grids are in bench/grid.py, the providers in
+bench/providers.py, and the rows are measured by bench/rows.py.
 
 Attention
 ---------
-* Prefill (op "attention"): bf16, head dim 128 (32 q / 8 kv heads, Llama-3-8B) and 64
-  (32 / 8, Llama-3.2-1B), causal and full, S = 1K, 2K, 4K, 8K, 16K with B = 16K / S, fwd
-  and bwd (timed as bench/timing.py describes). TFLOP/s = FLOPs / time with
-  forward = 4 * B * Hq * Sq * Sk * D, halved when causal, and backward = 2.5 * forward (FlashAttention's convention);
-  fraction_of_ceiling is over the measured bf16 matmul ceiling, gbps stays null. Providers:
-  llama_fast (flash_attn), sdpa_flash / sdpa_cudnn / sdpa_efficient (SDPA on transposed
-  (B, H, S, D) views under sdpa_kernel; enable_gqa=True, or K/V expanded in the call where a
-  backend refuses GQA, logged per row) and flex_attention (compiled, causal block mask; the
-  last rows of all, each shape a fresh compile).
-* Decode (op "decode"): flash_decode vs SDPA (its own backend choice; q (B, Hq, 1, D)
-  against the whole cache, non-causal as the one query is the last token), head dim 128,
-  32 / 8 heads, B = 1, 8, 32, 64 and context L = 1K, 8K, 32K, 128K with a full cache (Smax = L);
-  shapes whose K + V cache exceeds 40 GB are skipped and logged. GB/s = (K and V,
-  2 * B * L * Hkv * D * 2 bytes, plus q and out) / time, as a fraction of the copy ceiling.
-* Order and budget: the attention and decode rows run after the memory-bound rows of
-  llama_fast and eager, and before the torch.compile rows; flex_attention comes last, so
-  rows skipped for lack of --budget-s are the compiled ones. Repetitions: at 16K tokens a
-  prefill call's work grows as S, so on a GPU warm-up and reps scale as 1K / S (10 / 100
-  at 1K down to 2 / 6 at 16K, at least 5 reps): at most ~0.3 s of timed GPU work per row,
-  ~160 rows (+ 40 flex). Decode keeps 100 reps up to a 1 GB cache and scales them as
-  1 GB / cache bytes above (at least 10), and rotates small caches among enough copies
-  (up to 64) to fill 200 MB, a large one used alone. A baseline that raises for a shape
-  (another library's kernel) gives a null row and an entry under the bench step's
-  "unavailable" with the reason, not a failure; a llama_fast error is a failure.
-* --smoke: tiny shapes (B = 2 / 1, S = 32 / 64, heads 4 / 2, D = 16, causal and full; one
-  decode case, B = 1, L = 64) for llama_fast (the Triton interpreter) and SDPA's default
-  CPU kernel ("sdpa"); the CUDA-only providers give no rows.
+* Prefill (op "attention"): q (B, S, Hq, D), k/v (B, S, Hkv, D), causal or full, passes
+  fwd, bwd and fwd+bwd (timed as bench/timing.py describes). TFLOP/s = FLOPs / time with
+  forward = 4 * B * Hq * Sq * Sk * D, halved when causal; backward = 2.5 * forward
+  (FlashAttention's convention) and fwd+bwd = 3.5 * forward; fraction_of_ceiling is over
+  the measured bf16 matmul ceiling, gbps stays null. SDPA runs on transposed (B, H, S, D)
+  views under sdpa_kernel, with enable_gqa=True, or K/V expanded in the call where a
+  backend refuses GQA (logged, and recorded under the bench step's "gqa"); flex_attention
+  is compiled with a causal block mask, each shape a fresh compile.
+* Decode (op "decode"): one query per row against a full cache (Smax = L = cache_seqlens),
+  q (B, 1, Hq, D); SDPA (its own backend choice) gets q as (B, Hq, 1, D) against the whole
+  cache, non-causal as the one query is the last token. Shapes whose K + V cache exceeds
+  40 GB are skipped. GB/s = (K and V, 2 * B * L * Hkv * D * e bytes, plus q and out) / time,
+  as a fraction of the copy ceiling.
+* Repetitions on a GPU: a prefill call's work grows as S at a fixed B * S, so warm-up and
+  reps scale as 1K / S (10 / 100 at 1K down to 2 / 6 at 16K, at least 5 reps): at most
+  ~0.3 s of timed GPU work per row. Decode keeps 100 reps up to a 1 GB cache and scales
+  them as 1 GB / cache bytes above (at least 10), and rotates small caches among enough
+  copies (up to 64) to fill 200 MB, a large one used alone.
 """
 from __future__ import annotations
 
@@ -43,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.cases import DTYPE, DTYPE_NAME, PROVIDERS, Settings, _randn
+from bench.cases import DTYPE, Settings, _randn, dtype_name
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,32 +44,17 @@ from bench.cases import DTYPE, DTYPE_NAME, PROVIDERS, Settings, _randn
 # matmul ceiling), their baselines are other kernels rather than eager code, and they run
 # over a grid of shapes.
 
-ATTN_TOKENS = 16384  # B * S for every prefill shape
-ATTN_SEQLENS = (1024, 2048, 4096, 8192, 16384)
-ATTN_HEADS = ((128, 32, 8), (64, 32, 8))  # (head dim, q heads, kv heads): Llama-3-8B, Llama-3.2-1B
-SMOKE_ATTN_TOKENS = 64
-SMOKE_ATTN_SEQLENS = (32, 64)
-SMOKE_ATTN_HEADS = ((16, 4, 2),)
+# The shape grids are in bench/grid.py, the provider lists in bench/providers.py.
 ATTN_REF_SEQLEN = 1024  # prefill reps scale as ATTN_REF_SEQLEN / S (see the module docstring)
 ATTN_MIN_REPS = 5
 
-DECODE_BATCHES = (1, 8, 32, 64)
-DECODE_CONTEXTS = (1024, 8192, 32768, 131072)
-DECODE_HEADS = (128, 32, 8)
-SMOKE_DECODE = ((1, 64),)  # (batch, context)
-SMOKE_DECODE_HEADS = (16, 4, 2)
 DECODE_MAX_CACHE_BYTES = 40e9  # larger K + V caches are skipped (logged)
 DECODE_ROTATE_BYTES = 200e6  # small caches rotate among enough sets to fill this (> 50 MB L2)
 DECODE_MAX_SETS = 64
 DECODE_REF_BYTES = 1e9  # decode reps scale as DECODE_REF_BYTES / cache bytes above this
 
-# Providers. "sdpa" is F.scaled_dot_product_attention with PyTorch's own backend choice:
-# the prefill baseline in --smoke (CPU) and the decode baseline everywhere. The sdpa_*
-# providers pin one backend with sdpa_kernel; they and flex_attention are CUDA-only.
-ATTN_PROVIDERS = ("llama_fast", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
-CUDA_ONLY = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
-DECODE_PROVIDERS = ("llama_fast", "sdpa")
-ALL_PROVIDERS = PROVIDERS + tuple(p for p in ATTN_PROVIDERS if p not in PROVIDERS)
+# "sdpa" is F.scaled_dot_product_attention with PyTorch's own backend choice (the prefill
+# baseline on a CPU, the decode baseline everywhere); the others pin one backend (CUDA only).
 SDPA_BACKENDS = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION"}
 
@@ -99,26 +75,12 @@ class AttnShape:
         return f"q({b},{s},{hq},{d}) kv({b},{s},{hkv},{d}) {'causal' if self.causal else 'full'}"
 
 
-def attn_shapes(smoke: bool) -> list[AttnShape]:
-    tokens = SMOKE_ATTN_TOKENS if smoke else ATTN_TOKENS
-    seqlens = SMOKE_ATTN_SEQLENS if smoke else ATTN_SEQLENS
-    return [AttnShape(tokens // s, s, hq, hkv, d, causal)
-            for d, hq, hkv in (SMOKE_ATTN_HEADS if smoke else ATTN_HEADS)
-            for causal in (True, False) for s in seqlens]
-
-
-def decode_shapes(smoke: bool) -> list[AttnShape]:
-    d, hq, hkv = SMOKE_DECODE_HEADS if smoke else DECODE_HEADS
-    grid = SMOKE_DECODE if smoke else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
-    return [AttnShape(b, n, hq, hkv, d, False) for b, n in grid]
-
-
 def attn_flops(s: AttnShape, pass_: str) -> float:
     """FlashAttention's convention: forward = 4 * B * Hq * Sq * Sk * D (QK^T and PV, two
     flops per multiply-add), halved when causal; backward = 2.5 * forward (five matmuls,
     dQ, dK, dV, dP and the recomputed QK^T, against the forward's two)."""
     fwd = 4 * s.batch * s.q_heads * s.seqlen * s.seqlen * s.head_dim / (2 if s.causal else 1)
-    return fwd if pass_ == "fwd" else 2.5 * fwd
+    return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * fwd
 
 
 def decode_bytes(s: AttnShape, e: int) -> int:
@@ -126,17 +88,17 @@ def decode_bytes(s: AttnShape, e: int) -> int:
     return (2 * s.batch * s.seqlen * s.kv_heads * s.head_dim + 2 * s.batch * s.q_heads * s.head_dim) * e
 
 
-def attn_inputs(s: AttnShape, device) -> dict:
-    return {"q": _randn(s.batch, s.seqlen, s.q_heads, s.head_dim, device=device),
-            "k": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
-            "v": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device)}
+def attn_inputs(s: AttnShape, device, dtype=DTYPE) -> dict:
+    return {"q": _randn(s.batch, s.seqlen, s.q_heads, s.head_dim, device=device, dtype=dtype),
+            "k": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device, dtype=dtype),
+            "v": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device, dtype=dtype)}
 
 
-def decode_inputs(s: AttnShape, device) -> dict:
+def decode_inputs(s: AttnShape, device, dtype=DTYPE) -> dict:
     """A full cache: Smax = L = cache_seqlens, so both providers read exactly L entries."""
-    return {"q": _randn(s.batch, 1, s.q_heads, s.head_dim, device=device),
-            "k_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
-            "v_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device),
+    return {"q": _randn(s.batch, 1, s.q_heads, s.head_dim, device=device, dtype=dtype),
+            "k_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device, dtype=dtype),
+            "v_cache": _randn(s.batch, s.seqlen, s.kv_heads, s.head_dim, device=device, dtype=dtype),
             "cache_seqlens": torch.full((s.batch,), s.seqlen, dtype=torch.int32, device=device)}
 
 
@@ -226,8 +188,8 @@ def decode_plan(cfg: Settings, s: AttnShape, device) -> tuple[int, int, int]:
     return n_sets, min(cfg.warmup, reps), reps
 
 
-def attn_empty_row(op: str, s: AttnShape, pass_: str, provider: str) -> dict:
-    return {"op": op, "shape": s.label(decode=op == "decode"), "dtype": DTYPE_NAME, "pass": pass_,
+def attn_empty_row(op: str, s: AttnShape, pass_: str, provider: str, dtype: torch.dtype = DTYPE) -> dict:
+    return {"op": op, "shape": s.label(decode=op == "decode"), "dtype": dtype_name(dtype), "pass": pass_,
             "provider": provider, "ms": None, "gbps": None, "tflops": None, "fraction_of_ceiling": None,
             "peak_mem_mb": None}
 

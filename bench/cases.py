@@ -1,4 +1,5 @@
-"""The memory-bound benchmark cases of bench/gpu_check.py: shapes, settings and ``CASES``.
+"""The memory-bound benchmark cases: shapes, settings and ``CASES`` (the grids of shapes
+they run at are in bench/grid.py).
 
 Each case is one op (rms_norm, add_rms_norm, apply_rope, swiglu, swiglu_fused) with its
 input builder, the eager reference written as Hugging Face's Llama modules compute it
@@ -7,7 +8,8 @@ compared with, and the minimum bytes each pass moves.
 
 GB/s is the minimum traffic of the op (each input read once, each output written once,
 the formula beside each case) divided by the time: the same bytes for every provider, so it
-is throughput, comparable with the copy ceiling measured in the same run.
+is throughput, comparable with the copy ceiling measured in the same run. A fwd+bwd row
+counts the two passes' bytes added.
 
 The attention and decode cases are in bench/attention_cases.py.
 """
@@ -35,10 +37,15 @@ class Shapes:
 
 LLAMA3_8B = Shapes(tokens=8192, hidden=4096, inter=14336, q_heads=32, kv_heads=8, head_dim=128)
 # RoPE runs one program per token, and the interpreter runs programs one by one: few tokens.
-SMOKE = Shapes(tokens=32, hidden=256, inter=512, q_heads=4, kv_heads=2, head_dim=16)
+SMOKE = Shapes(tokens=16, hidden=256, inter=512, q_heads=4, kv_heads=2, head_dim=16)
 
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # the GPU check's dtype; the suite (bench/suite.py) takes --dtypes
 DTYPE_NAME = "bfloat16"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --dtypes names
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 EPS = 1e-5
 ROPE_THETA = 500000.0
 
@@ -53,7 +60,9 @@ class Settings:
 
 
 GPU_SETTINGS = dict(shapes=LLAMA3_8B, n_sets=3, warmup=10, reps=100)
-SMOKE_SETTINGS = dict(shapes=SMOKE, n_sets=2, warmup=1, reps=2)  # the interpreter is slow: few calls
+# --smoke checks the harness, not speed: the interpreter is slow (one timed call) and
+# compiles nothing (no warm-up needed); two input sets still exercise the rotation.
+SMOKE_SETTINGS = dict(shapes=SMOKE, n_sets=2, warmup=0, reps=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,40 +109,42 @@ def hf_swiglu_fused(gate_up):
 # inputs
 
 
-def _randn(*shape, device):
-    return torch.randn(*shape, dtype=DTYPE, device=device)
+def _randn(*shape, device, dtype=DTYPE):  # the input builders take the row's dtype (bf16 or fp16)
+    return torch.randn(*shape, dtype=dtype, device=device)
 
 
-def norm_inputs(s: Shapes, device) -> dict:
-    return {"x": _randn(s.tokens, s.hidden, device=device), "weight": 1 + 0.1 * _randn(s.hidden, device=device)}
+def norm_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
+    return {"x": _randn(s.tokens, s.hidden, device=device, dtype=dtype),
+            "weight": 1 + 0.1 * _randn(s.hidden, device=device, dtype=dtype)}
 
 
-def add_norm_inputs(s: Shapes, device) -> dict:
-    return dict(norm_inputs(s, device), residual=_randn(s.tokens, s.hidden, device=device))
+def add_norm_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
+    return dict(norm_inputs(s, device, dtype), residual=_randn(s.tokens, s.hidden, device=device, dtype=dtype))
 
 
-def rope_inputs(s: Shapes, device) -> dict:
+def rope_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
     """q and k, and the tables in both forms: float32 (S, D/2) for llama_fast (what
     ``rope_cos_sin`` returns) and (S, D) in the inputs' dtype for the Hugging Face code."""
     inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, s.head_dim, 2, device=device, dtype=torch.float32) / s.head_dim)
     angles = torch.arange(s.tokens, device=device, dtype=torch.float32)[:, None] * inv_freq
     full = torch.cat((angles, angles), dim=-1)
     return {
-        "q": _randn(1, s.tokens, s.q_heads, s.head_dim, device=device),
-        "k": _randn(1, s.tokens, s.kv_heads, s.head_dim, device=device),
+        "q": _randn(1, s.tokens, s.q_heads, s.head_dim, device=device, dtype=dtype),
+        "k": _randn(1, s.tokens, s.kv_heads, s.head_dim, device=device, dtype=dtype),
         "cos_half": angles.cos(),
         "sin_half": angles.sin(),
-        "cos": full.cos().to(DTYPE),
-        "sin": full.sin().to(DTYPE),
+        "cos": full.cos().to(dtype),
+        "sin": full.sin().to(dtype),
     }
 
 
-def swiglu_inputs(s: Shapes, device) -> dict:
-    return {"gate": _randn(s.tokens, s.inter, device=device), "up": _randn(s.tokens, s.inter, device=device)}
+def swiglu_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
+    return {"gate": _randn(s.tokens, s.inter, device=device, dtype=dtype),
+            "up": _randn(s.tokens, s.inter, device=device, dtype=dtype)}
 
 
-def swiglu_fused_inputs(s: Shapes, device) -> dict:
-    return {"gate_up": _randn(s.tokens, 2 * s.inter, device=device)}
+def swiglu_fused_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
+    return {"gate_up": _randn(s.tokens, 2 * s.inter, device=device, dtype=dtype)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +228,7 @@ CASES = [
 PROVIDERS = ("llama_fast", "eager", "torch.compile")
 
 
-def empty_row(case: dict, pass_: str, provider: str, s: Shapes) -> dict:
+def empty_row(case: dict, pass_: str, provider: str, s: Shapes, dtype: torch.dtype = DTYPE) -> dict:
     """A row with every field; the measurements stay null where a row failed or was skipped."""
-    return {"op": case["op"], "shape": case["shape"](s), "dtype": DTYPE_NAME, "pass": pass_, "provider": provider,
+    return {"op": case["op"], "shape": case["shape"](s), "dtype": dtype_name(dtype), "pass": pass_, "provider": provider,
             "ms": None, "gbps": None, "tflops": None, "fraction_of_ceiling": None, "peak_mem_mb": None}

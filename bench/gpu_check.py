@@ -8,42 +8,45 @@
 Steps, each timed and logged; a failing step is recorded and the later steps still run,
 and the exit status is 1 if anything failed:
 
-1. install    ``python -m pip install --no-build-isolation --no-deps -e .`` -> install.log
+0. wheels     if the repository root has a .whl/ folder (Liger-Kernel travels that way to a
+              GPU image without it: bench/fetch_wheels.sh), ``pip install --no-index
+              --no-deps --target /tmp/site .whl/*.whl``; /tmp/site then goes on sys.path
+              and PYTHONPATH for the later steps
+1. install    ``python -m pip install --no-build-isolation --no-deps -e .`` (which builds the
+              CUDA extension from csrc/ where nvcc is present) -> install.log
 2. tests      ``python -m pytest tests -q`` on the GPU (no TRITON_INTERPRET), killed
               after --tests-timeout seconds -> tests.log; passed/failed counts recorded
 3. ceilings   a 1 GiB device-to-device copy (read + write bytes) -> copy_gbps, and a bf16
               8192^3 matmul -> bf16_tflops
-4. bench      every op/pass of ``CASES`` at Llama-3-8B shapes in bf16, for the providers
-              llama_fast (auto backend: triton on a GPU), eager (PyTorch written as Hugging
-              Face's Llama modules are) and torch.compile of the same eager functions;
-              then attention: flash_attn forward and backward against SDPA's flash, cuDNN
-              and memory-efficient backends and compiled flex_attention, and flash_decode
-              against SDPA (see "Attention" in bench/attention_cases.py)
+4. bench      the ``headline`` grid of the benchmark suite (bench/suite.py) in bf16: every
+              memory-bound op, attention and decode at Llama-3-8B shapes for every
+              provider (llama_fast's triton and cuda backends, eager, torch.compile,
+              Liger-Kernel, SDPA's backends, FlexAttention, flash-attn where importable),
+              and end to end a Llama-3.2-1B training step and prefill + decode
+5. plots      PNGs of the rows (bench/plots.py; skipped with a notice without matplotlib)
+
+Printed last: the tables, then a short summary (steps, ceilings, and per case llama_fast's
+time against the fastest other provider).
 
 Results go to --out, else $OUT, else bench/results/<gpu-name>-<date>/: gpu_check.json,
-gpu_check.md (a table), gpu_check.log (this script's progress) and the two step logs. The
-JSON and markdown are rewritten after every step and every row, so a run killed by an
-outer time limit still leaves what it measured; --budget-s (from the script's start) makes
-the benchmark skip what it has no time for instead.
+gpu_check.md (the tables), gpu_check.log (this script's progress), the two step logs and
+the plots. The JSON and markdown are rewritten after every step and every row, so a run
+killed by an outer time limit still leaves what it measured; --budget-s (from the
+script's start; 500 s leaves an H100 session of 9 minutes room for start-up) makes the
+benchmark skip what it has no time for instead: the suite runs the compiled rows last.
 
 Modules (all under bench/)
 --------------------------
-* gpu_check.py        this driver: the four steps, the benchmark's job list and budget, main
-* cases.py            shapes, settings and the memory-bound CASES (inputs, eager references,
-                      byte formulas)
-* attention_cases.py  the attention and decode grids, FLOP/byte formulas, SDPA and
-                      flex_attention baselines, repetition plans ("Attention" in its docstring)
-* rows.py             one measured row per case, provider and pass
+* gpu_check.py        this driver: the steps and main
+* suite.py            the benchmark suite: jobs, order and budget, ``python -m llama_fast bench``
+* grid.py             the shape grids (full, headline, smoke)
+* cases.py            settings and the memory-bound CASES (inputs, eager references, bytes)
+* attention_cases.py  attention and decode: inputs, FLOP/byte formulas, SDPA and flex
+* providers.py        the providers, their availability, Liger-Kernel and flash-attn calls
+* end_to_end.py       training step and inference of whole models
+* rows.py             one measured row per case, shape, dtype, provider and pass
 * timing.py           timers, peak memory and the ceilings ("How things are timed" there)
-* report.py           gpu_check.json, gpu_check.md and the progress log
-
-Order and budget
-----------------
-The attention and decode rows run after the memory-bound rows of llama_fast and eager,
-and before the torch.compile rows; flex_attention comes last, so rows skipped for lack of
---budget-s are the compiled ones. A baseline that raises for a shape (another library's
-kernel) gives a null row and an entry under the bench step's "unavailable" with the
-reason, not a failure; a llama_fast error is a failure.
+* report.py, plots.py the JSON, the markdown, the log and the PNGs
 """
 from __future__ import annotations
 
@@ -64,24 +67,20 @@ import site  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from dataclasses import asdict  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
 from bench import REPO  # noqa: E402
-from bench.attention_cases import (  # noqa: E402, F401  (AttnShape ... decode_plan: tests reach them here)
-    ATTN_MIN_REPS, ATTN_PROVIDERS, CUDA_ONLY, DECODE_MAX_CACHE_BYTES, DECODE_PROVIDERS, DECODE_ROTATE_BYTES,
-    AttnShape, _flex, attn_empty_row, attn_flops, attn_reps, attn_shapes, decode_bytes, decode_plan, decode_shapes,
-)
-from bench.cases import CASES, DTYPE, GPU_SETTINGS, PROVIDERS, SMOKE_SETTINGS, Settings, empty_row  # noqa: E402
-from bench.report import Log, _fmt, new_report, write_outputs  # noqa: E402
-from bench.rows import attn_row, bench_row, decode_row, llama_fast_backend  # noqa: E402
+from bench.cases import GPU_SETTINGS, SMOKE_SETTINGS, Settings  # noqa: E402
+from bench.report import Log, new_report, summary, write_outputs  # noqa: E402
 from bench.timing import measure_ceilings  # noqa: E402
 
-BENCH_RESERVE_S = 150  # the test run is cut short to leave the benchmark this much of --budget-s
-ROW_RESERVE_S = 15  # a benchmark row is not started with less time left than this
-COMPILE_RESERVE_S = 45  # nor a torch.compile row (its first call compiles)
+# The test run is cut short to leave the benchmark this much of --budget-s: about what the
+# headline grid's uncompiled tiers (ops, attention and decode, end to end) need on an H100.
+BENCH_RESERVE_S = 210
+WHEEL_DIR = ".whl"  # wheels carried to a GPU image that lacks them (bench/fetch_wheels.sh)
+WHEEL_SITE = Path("/tmp/site")
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,6 +111,21 @@ def _activate_editable_install() -> None:
         for pth in sorted(Path(sitedir).glob("__editable__*llama_fast*.pth")):
             site.addpackage(sitedir, pth.name, None)
     importlib.invalidate_caches()
+
+
+def step_wheels(out_dir: Path, timeout_s: float) -> dict:
+    """Install the carried wheels into WHEEL_SITE and put it on sys.path and PYTHONPATH."""
+    wheels = sorted((REPO / WHEEL_DIR).glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(WHEEL_SITE), *map(str, wheels)]
+    code, timed_out = run_logged(cmd, out_dir / "wheels.log", timeout_s)
+    if code == 0:
+        if str(WHEEL_SITE) not in sys.path:
+            sys.path.insert(0, str(WHEEL_SITE))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WHEEL_SITE), os.environ.get("PYTHONPATH")]))
+        importlib.invalidate_caches()
+    return {"status": "ok" if code == 0 else ("timeout" if timed_out else "failed"), "returncode": code,
+            "wheels": [w.name for w in wheels], "log": "wheels.log"}
 
 
 def step_install(out_dir: Path, timeout_s: float) -> dict:
@@ -169,107 +183,34 @@ def step_ceilings(report: dict, device: torch.device, warmup: int, reps: int) ->
 
 
 # ---------------------------------------------------------------------------------------
-# step 4: benchmarks
+# steps 4 and 5: benchmarks and plots
 
 
 def step_bench(report, cfg: Settings, device, deadline: float, log: Log, save: Callable, smoke: bool = False) -> dict:
-    info = {"status": "ok", "shapes": asdict(cfg.shapes), "timing": _timing_note(cfg, device), "errors": [],
-            "skipped": [], "unavailable": [], "gqa": {}}
+    """The suite's headline grid (smoke: its smoke grid), bf16, every op, in its tier order."""
+    from bench import suite
+    from bench.rows import llama_fast_backend
+
+    grid = "smoke" if smoke else "headline"
+    info = suite.new_bench_info(cfg, device, grid)
+    report["steps"]["bench"] = info  # filled in as the rows come, so every save shows it
     try:
         info["llama_fast_backend"] = llama_fast_backend(device)
     except Exception as exc:
         info["llama_fast_backend"] = None
         info["errors"].append({"what": "import llama_fast", "error": f"{type(exc).__name__}: {exc}"})
-    providers = [p for p in PROVIDERS if p != "torch.compile" or cfg.compile]
-    ceilings = report["ceilings"]
-    compiled: dict = {}
-
-    def note_gqa(what: str) -> Callable[[str, str], None]:
-        def note(provider: str, how: str) -> None:
-            info["gqa"][what] = how
-            if how != "enable_gqa":
-                log(f"{what}: GQA by {how}")
-        return note
-
-    # Jobs: (what, empty row, reserve, body, baseline). A baseline (another library's
-    # kernel) that raises for a shape is "unavailable", not a failure of this check.
-    def case_job(case, pass_, provider):
-        return (f"{case['op']} {pass_} {provider}", empty_row(case, pass_, provider, cfg.shapes),
-                COMPILE_RESERVE_S if provider == "torch.compile" else ROW_RESERVE_S,
-                lambda: bench_row(case, pass_, provider, cfg, device, ceilings, compiled), False)
-
-    def attn_job(s, pass_, provider):
-        what = f"attention {pass_} {provider} {s.label()}"
-        return (what, attn_empty_row("attention", s, pass_, provider),
-                COMPILE_RESERVE_S if provider == "flex_attention" else ROW_RESERVE_S,
-                lambda: attn_row(s, pass_, provider, cfg, device, ceilings, note_gqa(what)), provider != "llama_fast")
-
-    def decode_job(s, provider):
-        what = f"decode fwd {provider} {s.label(decode=True)}"
-        return (what, attn_empty_row("decode", s, "fwd", provider), ROW_RESERVE_S,
-                lambda: decode_row(s, provider, cfg, device, ceilings, note_gqa(what)), provider != "llama_fast")
-
-    # Order: llama_fast and eager for the memory-bound cases, then attention and decode
-    # (no compiler), then torch.compile and flex_attention: if time runs short, the
-    # slow-to-compile rows are the ones skipped.
-    attn_providers = [p for p in ATTN_PROVIDERS
-                      if p != "flex_attention" and (p not in CUDA_ONLY or device.type == "cuda")
-                      and (p != "sdpa" or smoke)]
-    jobs = [case_job(case, pass_, provider) for case in CASES for pass_ in case["bytes"] for provider in providers[:2]]
-    prefill = attn_shapes(smoke)
-    jobs += [attn_job(s, pass_, provider) for s in prefill for pass_ in ("fwd", "bwd") for provider in attn_providers]
-    for s in decode_shapes(smoke):
-        if decode_bytes(s, DTYPE.itemsize) > DECODE_MAX_CACHE_BYTES:
-            what = f"decode {s.label(decode=True)}"
-            info["unavailable"].append({"what": what, "why": f"cache over {DECODE_MAX_CACHE_BYTES / 1e9:.0f} GB"})
-            log(f"skip {what}: K + V cache {decode_bytes(s, DTYPE.itemsize) / 1e9:.0f} GB over the "
-                f"{DECODE_MAX_CACHE_BYTES / 1e9:.0f} GB limit")
-            continue
-        jobs += [decode_job(s, provider) for provider in DECODE_PROVIDERS]
-    jobs += [case_job(case, pass_, provider) for case in CASES for pass_ in case["bytes"] for provider in providers[2:]]
-    if cfg.compile and device.type == "cuda":
-        try:
-            _flex()
-            jobs += [attn_job(s, pass_, "flex_attention") for s in prefill for pass_ in ("fwd", "bwd")]
-        except Exception as exc:
-            info["unavailable"].append({"what": "flex_attention", "why": f"{type(exc).__name__}: {exc}".splitlines()[0]})
-            log(f"skip flex_attention: unavailable: {type(exc).__name__}: {exc}")
-    else:
-        log("skip flex_attention: " + ("--smoke or --skip-compile" if not cfg.compile else "no GPU"))
-
-    for what, empty, reserve, body, baseline in jobs:
-        if time.monotonic() > deadline - reserve:
-            info["skipped"].append(what)
-            report["rows"].append(empty)
-            log(f"skip {what}: out of time")
-            continue
-        start = time.monotonic()
-        try:
-            row = body()
-            rate = (f"{row['tflops']:.4g} TFLOP/s" if row["tflops"] is not None else f"{_fmt(row['gbps'], '.0f')} GB/s")
-            log(f"{what}: {row['ms']:.4f} ms, {rate} ({time.monotonic() - start:.1f} s)")
-        except Exception as exc:
-            row = empty
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if baseline:
-                info["unavailable"].append({"what": what, "why": reason})
-                log(f"{what}: UNAVAILABLE {reason}")
-            else:
-                info["errors"].append({"what": what, "error": reason})
-                log(f"{what}: FAILED {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        report["rows"].append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # hand back this row's cached blocks (eager's float32 temporaries are large)
-        save()
-    if info["errors"] or info["skipped"]:
-        info["status"] = "failed"
+    jobs = suite.build_jobs(suite.OPS, grid, [torch.bfloat16], device, cfg, report["ceilings"], info, log)
+    suite.run_jobs(jobs, report, info, deadline, log, save)
     return info
 
 
-def _timing_note(cfg: Settings, device: torch.device) -> str:
-    clock = "CUDA events, GPU head start" if device.type == "cuda" else "wall clock"
-    return (f"{clock}; median of {cfg.reps} after {cfg.warmup} warm-up; {cfg.n_sets} input sets rotated; "
-            "bwd = autograd.grad of a recorded forward (retain_graph)")
+def step_plots(report: dict, out_dir: Path) -> dict:
+    from bench.plots import write_plots
+
+    pngs = write_plots(report, out_dir, "gpu_check")
+    if pngs is None:
+        return {"status": "skipped", "why": "matplotlib is not installed"}
+    return {"status": "ok", "files": [p.name for p in pngs]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,8 +294,11 @@ def main(argv=None) -> int:
     def skipped(why: str) -> Callable[[], dict]:
         return lambda: {"status": "skipped", "why": why}
 
+    has_wheels = any((REPO / WHEEL_DIR).glob("*.whl"))
     # (step, why it is skipped or None, what it runs)
     steps = [
+        ("wheels", "--smoke" if args.smoke else (None if has_wheels else f"no {WHEEL_DIR}/*.whl"),
+         lambda: step_wheels(out_dir, 120.0)),
         ("install", "--smoke or --skip-install" if args.smoke or args.skip_install else None,
          lambda: step_install(out_dir, max(10.0, min(args.install_timeout, remaining())))),
         # The test run is cut short if it would eat into the benchmark's share of the budget.
@@ -363,6 +307,7 @@ def main(argv=None) -> int:
         ("ceilings", "--smoke or no GPU" if args.smoke or not on_gpu else None,
          lambda: step_ceilings(report, device, cfg.warmup, max(10, cfg.reps // 2))),
         ("bench", None, lambda: step_bench(report, cfg, device, start + args.budget_s, log, save, args.smoke)),
+        ("plots", None, lambda: step_plots(report, out_dir)),
     ]
     for name, why_skipped, body in steps:
         run_step(report, name, skipped(why_skipped) if why_skipped else body, log, save)
@@ -370,7 +315,8 @@ def main(argv=None) -> int:
     table = save()
     failed = [name for name, step in report["steps"].items() if step["status"] not in ("ok", "skipped")]
     log(f"done in {time.monotonic() - start:.0f} s; " + (f"FAILED: {', '.join(failed)}" if failed else "all ok"))
-    print("\n" + table, end="", flush=True)  # the table last: a cut-off stdout keeps its tail
+    # The table, then the summary last: a stdout cut to its tail keeps the summary.
+    print("\n" + table + "\n" + summary(report), end="", flush=True)
     return 1 if failed else 0
 
 

@@ -1,22 +1,28 @@
-"""The report of bench/gpu_check.py: gpu_check.json, gpu_check.md and the progress log.
+"""The report of bench/suite.py and bench/gpu_check.py: the JSON, the markdown, the log.
 
 ``new_report`` starts the JSON document; ``write_outputs`` sorts its rows and rewrites the
-JSON and the markdown tables (memory-bound ops, attention, decode); ``Log`` writes the
-progress lines to stdout and gpu_check.log.
+JSON and the markdown tables (memory-bound ops, attention, decode, training step,
+inference; a section only where there are rows); ``Log`` writes the progress lines to a
+stream and a log file.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench.attention_cases import ALL_PROVIDERS
 from bench.cases import CASES, DTYPE_NAME
+from bench.end_to_end import TRAIN_PROVIDERS
+from bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS
+
+ALL_PROVIDERS = tuple(dict.fromkeys(MEMORY_PROVIDERS + ATTN_PROVIDERS + TRAIN_PROVIDERS))
 
 
 def new_report(device: torch.device, commit: str | None) -> dict:
@@ -46,8 +52,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def _speedup(rows: list[dict], row: dict, provider: str) -> str:
-    key = (row["op"], row["pass"], row["shape"])
-    base = next((r for r in rows if (r["op"], r["pass"], r["shape"], r["provider"]) == (*key, provider)), None)
+    key = (row["op"], row["pass"], row["shape"], row["dtype"])
+    base = next((r for r in rows if (r["op"], r["pass"], r["shape"], r["dtype"], r["provider"]) == (*key, provider)), None)
     if base is None or base["ms"] is None or row["ms"] is None or row["ms"] <= 0:
         return "—"
     return f"{base['ms'] / row['ms']:.2f}×"
@@ -62,95 +68,167 @@ def _step_summary(name: str, step: dict) -> str:
     return text
 
 
+def _pct(row: dict) -> float | None:
+    return None if row["fraction_of_ceiling"] is None else 100 * row["fraction_of_ceiling"]
+
+
+def _tokens_per_s(row: dict) -> float | None:
+    """From the end-to-end shape label "<model> B<batch>xS<seq>": a decode step makes one
+    token per row, a training step or a prefill processes batch x seq."""
+    match = _E2E_SHAPE.search(row["shape"])
+    if not match or row["ms"] is None or row["ms"] <= 0:
+        return None
+    batch, seq = int(match.group(1)), int(match.group(2))
+    per_call = batch if row["pass"].startswith("decode") else batch * seq
+    return per_call / row["ms"] * 1e3
+
+
+_E2E_SHAPE = re.compile(r"B(\d+)xS(\d+)")
+
+
+def _table(title: str, note: str, header: list[str], rows: list[dict], cells: Callable[[dict], list[str]]) -> list[str]:
+    if not rows:
+        return []
+    align = ["---" if h in ("op", "pass", "shape", "dtype", "provider") else "---:" for h in header]
+    lines = ["", f"## {title}", "", note, "", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    return lines + ["| " + " | ".join(cells(r)) + " |" for r in rows]
+
+
 def markdown(report: dict) -> str:
     ceil, steps, bench = report["ceilings"], report["steps"], report["steps"].get("bench", {})
+    rows = report["rows"]
+    dtypes = sorted({r["dtype"] for r in rows}) or [DTYPE_NAME]
     lines = [
-        "# llama_fast GPU check",
+        "# llama_fast benchmarks",
         "",
         f"- device: {report['device']} · torch {report['torch']} · triton {report['triton']} · commit {report['commit'] or 'unknown'}",
         f"- ceilings: copy {_fmt(ceil['copy_gbps'], '.0f')} GB/s · bf16 matmul {_fmt(ceil['bf16_tflops'], '.0f')} TFLOP/s",
-        f"- llama_fast backend: {bench.get('llama_fast_backend')} · dtype {DTYPE_NAME}"
+        f"- llama_fast auto backend: {bench.get('llama_fast_backend')} · dtypes {', '.join(dtypes)}"
         f" · timing: {bench.get('timing')}",
         "- steps: " + " · ".join(_step_summary(name, step) for name, step in steps.items()),
-        "",
-        "| op | pass | shape | provider | ms | GB/s | % of copy | vs eager | vs torch.compile | peak MiB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = report["rows"]
+    unavailable = [u for u in bench.get("unavailable", []) if u["what"] in ALL_PROVIDERS]
+    if unavailable:
+        lines.append("- unavailable here (null rows): " + "; ".join(f"{u['what']}: {u['why']}" for u in unavailable))
     case_ops = {case["op"] for case in CASES}
-    for r in (r for r in rows if r["op"] in case_ops):
-        pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
-        lines.append(
-            f"| {r['op']} | {r['pass']} | {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} "
-            f"| {_fmt(r['gbps'], '.0f')} | {_fmt(pct, '.1f')} | {_speedup(rows, r, 'eager')} "
-            f"| {_speedup(rows, r, 'torch.compile')} | {_fmt(r['peak_mem_mb'], '.1f')} |"
-        )
-    lines += [
-        "",
-        "## Attention (flash_attn)",
-        "",
-        "TFLOP/s: forward 4·B·Hq·Sq·Sk·D (halved when causal), backward 2.5× forward; "
+    peak = lambda r: _fmt(r["peak_mem_mb"], ".1f")  # noqa: E731
+    lines += _table(
+        "Memory-bound ops", "GB/s: the minimum bytes of the pass (bench/cases.py) over the time; % of the copy ceiling.",
+        ["op", "pass", "shape", "dtype", "provider", "ms", "GB/s", "% of copy", "vs eager", "vs torch.compile",
+         "vs liger", "peak MiB"],
+        [r for r in rows if r["op"] in case_ops],
+        lambda r: [r["op"], r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".0f"),
+                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "eager"), _speedup(rows, r, "torch.compile"),
+                   _speedup(rows, r, "liger"), peak(r)])
+    lines += _table(
+        "Attention (flash_attn)",
+        "TFLOP/s: forward 4·B·Hq·Sq·Sk·D (halved when causal), backward 2.5×, fwd+bwd 3.5× forward; "
         "% of the bf16 matmul ceiling.",
-        "",
-        "| pass | shape | provider | ms | TFLOP/s | % of matmul | vs sdpa_flash | vs sdpa_cudnn | peak MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in (r for r in rows if r["op"] == "attention"):
-        pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
-        lines.append(
-            f"| {r['pass']} | {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} | {_fmt(r['tflops'], '.0f')} "
-            f"| {_fmt(pct, '.1f')} | {_speedup(rows, r, 'sdpa_flash')} | {_speedup(rows, r, 'sdpa_cudnn')} "
-            f"| {_fmt(r['peak_mem_mb'], '.1f')} |"
-        )
-    lines += [
-        "",
-        "## Decode (flash_decode)",
-        "",
-        "GB/s: K and V read once (2·B·L·Hkv·D·2 bytes) plus q and out; % of the copy ceiling.",
-        "",
-        "| shape | provider | ms | GB/s | % of copy | vs sdpa | peak MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in (r for r in rows if r["op"] == "decode"):
-        pct = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
-        lines.append(
-            f"| {r['shape']} | {r['provider']} | {_fmt(r['ms'], '.4f')} | {_fmt(r['gbps'], '.0f')} "
-            f"| {_fmt(pct, '.1f')} | {_speedup(rows, r, 'sdpa')} | {_fmt(r['peak_mem_mb'], '.1f')} |"
-        )
+        ["pass", "shape", "dtype", "provider", "ms", "TFLOP/s", "% of matmul", "vs sdpa_flash", "vs sdpa_cudnn",
+         "vs flash-attn", "peak MiB"],
+        [r for r in rows if r["op"] == "attention"],
+        lambda r: [r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".0f"),
+                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "sdpa_flash"), _speedup(rows, r, "sdpa_cudnn"),
+                   _speedup(rows, r, "flash-attn"), peak(r)])
+    lines += _table(
+        "Decode (flash_decode)", "GB/s: K and V read once (2·B·L·Hkv·D·2 bytes) plus q and out; % of the copy ceiling.",
+        ["shape", "dtype", "provider", "ms", "GB/s", "% of copy", "vs sdpa", "vs flash-attn", "peak MiB"],
+        [r for r in rows if r["op"] == "decode"],
+        lambda r: [r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".0f"), _fmt(_pct(r), ".1f"),
+                   _speedup(rows, r, "sdpa"), _speedup(rows, r, "flash-attn"), peak(r)])
+    lines += _table(
+        "Training step (end to end)",
+        "Forward, loss, backward, AdamW, bf16 (bench/end_to_end.py). TFLOP/s: 6 × matmul parameters × tokens plus "
+        "attention; % of the matmul ceiling (model FLOPs utilisation). Peak MiB: weights and optimizer state included.",
+        ["shape", "provider", "ms / step", "tokens/s", "TFLOP/s", "% of matmul", "vs hf_eager", "peak MiB"],
+        [r for r in rows if r["op"] == "train"],
+        lambda r: [r["shape"], r["provider"], _fmt(r["ms"], ".1f"), _fmt(_tokens_per_s(r), ".0f"), _fmt(r["tflops"], ".0f"),
+                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "hf_eager"), peak(r)])
+    lines += _table(
+        "Inference (end to end, reference model)",
+        "prefill: the prompt's forward (TFLOP/s, % of matmul); decode: one step for the batch (decode_graph: replayed "
+        "from a CUDA graph), GB/s = weights + K/V cache read / time, % of copy.",
+        ["pass", "shape", "provider", "ms", "tokens/s", "TFLOP/s", "GB/s", "% of ceiling", "vs ref_eager", "peak MiB"],
+        [r for r in rows if r["op"] == "infer"],
+        lambda r: [r["pass"], r["shape"], r["provider"], _fmt(r["ms"], ".3f"), _fmt(_tokens_per_s(r), ".0f"),
+                   _fmt(r["tflops"], ".0f"), _fmt(r["gbps"], ".0f"), _fmt(_pct(r), ".1f"), _speedup(rows, r, "ref_eager"),
+                   peak(r)])
     return "\n".join(lines) + "\n"
 
 
+OURS = ("triton", "cuda", "hf_llama_fast", "ref_llama_fast")
+
+
+def summary(report: dict) -> str:
+    """A few lines to read last: the steps, the ceilings, what was unavailable or failed,
+    and per measured case llama_fast's time against the fastest other provider."""
+    ceil, steps, bench = report["ceilings"], report["steps"], report["steps"].get("bench", {})
+    lines = ["== summary",
+             f"device {report['device']} · copy {_fmt(ceil['copy_gbps'], '.0f')} GB/s · "
+             f"bf16 matmul {_fmt(ceil['bf16_tflops'], '.0f')} TFLOP/s",
+             "steps: " + " · ".join(_step_summary(name, step) for name, step in steps.items())]
+    unavailable = [u["what"] for u in bench.get("unavailable", []) if u["what"] in ALL_PROVIDERS]
+    if unavailable:
+        lines.append("unavailable providers: " + ", ".join(unavailable))
+    for key in ("errors", "skipped"):
+        if bench.get(key):
+            lines.append(f"{key}: {len(bench[key])} (first: {bench[key][0]})")
+    cases: dict = {}
+    for r in report["rows"]:
+        cases.setdefault((r["op"], r["pass"], r["shape"], r["dtype"]), []).append(r)
+    for (op, pass_, shape, dtype), rows in cases.items():
+        timed = [r for r in rows if r["ms"]]
+        ours = [r for r in timed if r["provider"] in OURS]
+        others = sorted((r for r in timed if r["provider"] not in OURS), key=lambda r: r["ms"])
+        if not ours:
+            continue
+        text = " · ".join(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({100 * r['fraction_of_ceiling']:.0f}%)"
+                          if r["fraction_of_ceiling"] is not None else "") for r in ours)
+        if others:
+            best = others[0]
+            text += f" | fastest other {best['provider']} {best['ms']:.4g} ms: " + ", ".join(
+                f"{r['provider']} {best['ms'] / r['ms']:.2f}x" for r in ours)
+        lines.append(f"{op} {pass_} {shape} {dtype}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+OPS_ORDER = [case["op"] for case in CASES] + ["attention", "decode", "train", "infer"]
+PASS_ORDER = ["fwd", "bwd", "fwd+bwd", "fwd+bwd+adamw", "prefill", "decode", "decode_graph"]
+
+
 def _row_order(rows: list[dict]) -> Callable[[dict], tuple]:
-    """Sort key: op, then shape in the order shapes first appear (attention and decode run
-    a grid of shapes; the memory-bound ops have one each), then pass, then provider."""
-    ops = [case["op"] for case in CASES] + ["attention", "decode"]
+    """Sort key: op, dtype, then shape in the order shapes first appear (the grid's order),
+    then pass, then provider."""
     first_seen: dict = {}
     for i, r in enumerate(rows):
         first_seen.setdefault((r["op"], r["shape"]), i)
 
     def key(row: dict) -> tuple:
-        return (ops.index(row["op"]), first_seen[(row["op"], row["shape"])], ("fwd", "bwd").index(row["pass"]),
-                ALL_PROVIDERS.index(row["provider"]))
+        provider = ALL_PROVIDERS.index(row["provider"]) if row["provider"] in ALL_PROVIDERS else len(ALL_PROVIDERS)
+        return (OPS_ORDER.index(row["op"]), row["dtype"] != "bfloat16", row["dtype"],
+                first_seen[(row["op"], row["shape"])], PASS_ORDER.index(row["pass"]), provider, row["provider"])
 
     return key
 
 
-def write_outputs(out_dir: Path, report: dict) -> str:
+def write_outputs(out_dir: Path, report: dict, stem: str = "gpu_check") -> str:
+    """Rewrite <stem>.json and <stem>.md in ``out_dir``; returns the markdown."""
     report["rows"].sort(key=_row_order(report["rows"]))
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (out_dir / "gpu_check.md").write_text(table)
+    (out_dir / f"{stem}.md").write_text(table)
     return table
 
 
 class Log:
-    """Progress lines to stdout and to gpu_check.log (stdout may be cut to its tail)."""
+    """Progress lines to ``echo`` (stdout; the suite uses stderr) and to a log file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, echo=None):
         self.file = open(path, "a", buffering=1)
         self.start = time.monotonic()
+        self.echo = echo
 
     def __call__(self, message: str) -> None:
         line = f"[{time.monotonic() - self.start:7.1f}s] {message}"
-        print(line, flush=True)
+        print(line, flush=True, file=self.echo or sys.stdout)
         self.file.write(line + "\n")

@@ -1,4 +1,4 @@
-"""Timing, peak memory and the hardware ceilings for bench/gpu_check.py.
+"""Timing, peak memory and the hardware ceilings of the benchmarks (bench/suite.py).
 
 ``time_ms`` and ``peak_mem_mb`` are the device-agnostic entry points (one implementation
 per device type); ``measure_ceilings`` measures the copy and matmul ceilings the rows are
@@ -12,6 +12,9 @@ How things are timed
   call is ``torch.autograd.grad(outputs, inputs, upstream, retain_graph=True)``: the
   backward alone, exactly what autograd runs for that op, with no fwd+bwd minus fwd
   subtraction (whose noise would be as large as a fast backward).
+* Forward + backward (``fwd+bwd``): the forward on inputs that require grad and
+  ``torch.autograd.grad`` of its outputs, both in the timed call, as a training step runs
+  them (the upstream gradient is drawn once, on the first call).
 * On CUDA: a pair of CUDA events around every call, the median over --reps calls after
   --warmup calls (which also absorb Triton's JIT and torch.compile's compilation). Before
   each timed call the GPU spins for about half a millisecond (``torch.cuda._sleep``), so

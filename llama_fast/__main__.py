@@ -6,8 +6,10 @@
   demo        build a Llama 3 (a checkpoint, or a random config scaled to the machine), patch
               it, check patched against unpatched logits (exits non-zero on a mismatch),
               generate, and time prefill, decoding and a training step, unpatched and patched
-  bench       the kernel benchmarks of bench/gpu_check.py (a source checkout's bench/ folder)
-              without its install and test steps; other arguments go to it (--smoke, --out)
+  bench       the benchmark suite of a source checkout's bench/ folder (bench/suite.py): ops
+              and end-to-end Llama-3 against eager, torch.compile, SDPA, FlexAttention,
+              Liger-Kernel and flash-attn; a markdown table, a JSON file and PNG plots.
+              Other arguments go to it: --ops, --smoke, --out, --dtypes, --grid, --budget-s
 """
 from __future__ import annotations
 
@@ -91,18 +93,19 @@ def selfcheck() -> int:
 
 
 def bench(argv: list[str]) -> int:
-    """Hand over to the benchmark script of the source checkout this package runs from."""
+    """Run the benchmark suite of the source checkout this package runs from, in a child
+    process (its own interpreter decides TRITON_INTERPRET before triton is imported)."""
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    script = Path(__file__).resolve().parent.parent / "bench" / "suite.py"
     if not script.exists():
         print("llama-fast bench: the benchmarks live in the source checkout's bench/ folder, which this "
               f"installation does not have ({script} is missing); install llama_fast editable from a checkout",
               file=sys.stderr)
         return 2
     _enable_interpreter_on_cpu()
-    cmd = [sys.executable, str(script), "--skip-install", "--skip-tests", *argv]
+    cmd = [sys.executable, "-m", "bench.suite", *argv]
     return subprocess.run(cmd, cwd=script.parent.parent).returncode
 
 
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     from llama_fast.demo import add_arguments  # imports torch only: triton is not imported yet
 
     add_arguments(sub.add_parser("demo", help="patch a Llama 3, check it, generate and time it"))
-    sub.add_parser("bench", help="kernel benchmarks (bench/gpu_check.py); other arguments go to it")
+    # add_help=False: --help goes on to the suite, which lists its own options.
+    sub.add_parser("bench", add_help=False, help="the benchmark suite (bench/suite.py); its arguments go to it")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return bench(rest)

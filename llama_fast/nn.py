@@ -279,7 +279,15 @@ class MetaRotary(nn.Module):
         return apply_rope(q, k, cos.detach(), sin.detach(), interleaved=True)
 
 
-_POS_MEMO: list = [None, -1, None]  # weakref to the last positions tensor, its _version, its summary
+_POS_MEMO: list = [None, -1, None, None]  # weakref to the last positions tensor, its _version, its summary, _storage_key
+
+
+def _storage_key(pos: Tensor) -> tuple:
+    return (pos.device, pos.untyped_storage().data_ptr(), pos.storage_offset(), tuple(pos.shape), pos.stride())
+
+
+def _capturing(pos: Tensor) -> bool:
+    return pos.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _positions_summary(pos: Tensor) -> tuple[bool, bool, bool, int]:
@@ -289,9 +297,18 @@ def _positions_summary(pos: Tensor) -> tuple[bool, bool, bool, int]:
     are consecutive, which is what the kernels' bottom-right causal alignment needs (and
     what ``generate`` and the training forward produce). Every layer of a forward gets the
     same positions tensor: the summary is remembered for it (and its version counter)."""
-    ref, version, summary = _POS_MEMO
+    ref, version, summary, storage = _POS_MEMO
     if ref is not None and ref() is pos and version == pos._version:
         return summary
+    if _capturing(pos):
+        # A CUDA graph cannot sync. A captured decode step reads its positions from a static
+        # buffer (the model makes a new view of it each step) that the warm-up step, which
+        # any capture needs first, already summarised; the layout (which rows have pads)
+        # does not change between steps, and the kernels read the values on the device.
+        if storage == _storage_key(pos):
+            return summary
+        raise RuntimeError("llama_fast: capturing a CUDA graph of a patched attention step needs one un-captured "
+                           "warm-up step with the same positions tensor first (its layout is checked on the host)")
     valid = pos >= 0
     monotone = (valid[:, 1:] >= valid[:, :-1]).all()
     consecutive = ((pos[:, 1:] - pos[:, :-1] == 1) | ~valid[:, :-1]).all()
@@ -299,7 +316,7 @@ def _positions_summary(pos: Tensor) -> tuple[bool, bool, bool, int]:
     flags = torch.stack([(monotone & consecutive).long(), valid.all().long(), (last == last[0]).all().long(), last[0]])
     layout_ok, no_pads, same_last, last0 = flags.tolist()
     summary = (bool(layout_ok), bool(no_pads), bool(same_last), int(last0))
-    _POS_MEMO[:] = [weakref.ref(pos), pos._version, summary]
+    _POS_MEMO[:] = [weakref.ref(pos), pos._version, summary, _storage_key(pos)]
     return summary
 
 

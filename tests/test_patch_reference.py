@@ -175,6 +175,58 @@ def test_cached_prefill_and_decoding(pair):
     assert sdpa_calls() == 0
 
 
+def test_decode_step_under_capture_reads_nothing_on_the_host(pair, monkeypatch):
+    """What a CUDA-graph capture of the decode step sees (on any device): after a warm-up
+    step, the same positions tensor with new values is not summarised on the host again."""
+    ref, model, _ = pair()
+    for m in (ref, model):
+        m.setup_cache(2, 16)
+    tok, pos = torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), 4)
+    with torch.no_grad():
+        prompt, start = torch.randint(0, VOCAB, (2, 4)), torch.arange(4)[None].expand(2, 4)
+        ref(prompt, start), model(prompt, start)
+        model(tok, pos)  # warm-up
+        monkeypatch.setattr(lfnn, "_capturing", lambda p: True)
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("a host sync while capturing"))
+        pos.fill_(4)  # a new version of the same tensor, as a graph's static input gets
+        got = model(tok, pos)
+        monkeypatch.undo()
+        assert_close(got, ref(tok, pos), "decode step under capture")
+        with pytest.raises(RuntimeError, match="warm-up"):
+            monkeypatch.setattr(lfnn, "_capturing", lambda p: True)
+            model(tok, pos.clone())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_step_replays_from_a_cuda_graph(pair):
+    """The patched decode step (flash_decode) captured once after a warm-up step, then
+    replayed with new tokens and positions written into its static inputs."""
+    ref, model, _ = pair()
+    ref, model = ref.cuda(), model.cuda()
+    for m in (ref, model):
+        m.setup_cache(2, 32)
+    prompt = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    start = torch.arange(5, device="cuda")[None].expand(2, 5)
+    tok = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    pos = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        ref(prompt, start), model(prompt, start)
+        tok.fill_(1), pos.fill_(5)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(tok, pos)  # warm-up: checks the positions' layout on the host
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(tok, pos)
+        for step in range(3):
+            tok.fill_(7 + step), pos.fill_(5 + step)
+            graph.replay()
+            want = ref(tok.clone(), pos.clone())
+            assert_close(logits, want, f"replayed decode step {step}", tol=1e-4)
+
+
 def test_generate_greedy_left_padded(pair):
     ref, model, _ = pair()
     prompts = [[5, 9, 1, 33, 2, 7, 8], [3, 4], [60, 1, 2, 3]]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Download the wheels a GPU session needs but the GPU image lacks into .whl/ (repository
+# root); bench/gpu_check.py installs whatever it finds there (--target /tmp/site) before
+# anything else. Run it on a machine with network access, then carry .whl to the session.
+#
+# liger-kernel 0.8.5 is pure Python (py3-none-any). Its Requires-Dist: torch>=2.1.2 and
+# triton>=2.3.1, both already on the GPU image, so it is fetched with --no-deps (the extras
+# cutile, cutedsl, lck and dev are not needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl liger-kernel==0.8.5
+ls -l .whl
