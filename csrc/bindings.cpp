@@ -37,7 +37,12 @@ using Strides4 = std::array<int64_t, 4>;
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// The module's name: _C, or _C_emu for the CPU emulator of the tests (tests/cuda_emulator).
+#ifndef LLAMA_FAST_MODULE_NAME
+#define LLAMA_FAST_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(LLAMA_FAST_MODULE_NAME, m) {
   m.doc() = "llama_fast CUDA kernels (no libtorch): see csrc/llama_fast.h for the arguments";
   auto nogil = py::call_guard<py::gil_scoped_release>();
 

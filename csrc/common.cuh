@@ -1,5 +1,10 @@
-// Helpers shared by the CUDA kernels: launch checks, dtype dispatch, float conversion,
-// vectorised access and reductions. Device code only needs this file and llama_fast.h.
+// Helpers shared by the CUDA kernels: launch checks, the launch itself, dtype dispatch,
+// float conversion, vectorised access and reductions. Device code only needs this file
+// and llama_fast.h (plus ptx.cuh for the inline PTX of the tensor-core kernels).
+//
+// The same sources also compile as host C++ for the CPU emulator of the test suite
+// (tests/cuda_emulator, -DLLAMA_FAST_EMULATE): hence launch() instead of <<<...>>>,
+// dynamic_shared() instead of extern __shared__, and the alignment checks below.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "llama_fast.h"
 
@@ -46,6 +52,43 @@ inline void begin_launch(const Launch& at, const char* kernel) {
 inline void end_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel, "kernel launch"); }
 
 inline cudaStream_t stream_of(const Launch& at) { return static_cast<cudaStream_t>(at.stream); }
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...): every kernel is launched through
+// here, so that the CPU emulator can run the same sources (host C++ has no <<<>>>). Errors
+// are left for end_launch, as with <<<>>>.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                   Args&&... args) {
+#ifdef LLAMA_FAST_EMULATE
+  cuda_emu::launch(kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, const Launch& at,
+                   Args&&... args) {
+  launch(kernel, grid, block, smem_bytes, stream_of(at), std::forward<Args>(args)...);
+}
+
+// The block's dynamic shared memory (the launch's smem_bytes), 128-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+#ifdef LLAMA_FAST_EMULATE
+  return reinterpret_cast<T*>(cuda_emu::dynamic_shared_base());
+#else
+  extern __shared__ __align__(128) unsigned char llama_fast_dynamic_smem[];
+  return reinterpret_cast<T*>(llama_fast_dynamic_smem);
+#endif
+}
+
+// A GPU traps on a misaligned vector access; the emulator checks (nothing on the GPU).
+__device__ __forceinline__ void check_aligned([[maybe_unused]] const void* p, [[maybe_unused]] size_t bytes) {
+#ifdef LLAMA_FAST_EMULATE
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) cuda_emu::misaligned("vector access", p, bytes);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------
 // Element types.
@@ -98,6 +141,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
+  check_aligned(p, sizeof(Pack<T, VEC>));
   const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(pack.v[i]);
@@ -105,6 +149,7 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[VEC]) {
+  check_aligned(p, sizeof(Pack<T, VEC>));
   Pack<T, VEC> pack;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);

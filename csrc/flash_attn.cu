@@ -19,8 +19,8 @@
 //   shared memory, not the tensor cores, the bound. The price is registers: at D=128 a
 //   thread holds 128 floats of O and 64 of scores; Q fragments are re-read from shared
 //   memory at each k-step instead of kept in registers (as FlashAttention-2 does). ptxas
-//   fits this in 255 registers without spills (see the empty asm statements below, which
-//   stop the optimiser from hoisting per-step addresses out of the key loop).
+//   fits this in 255 registers without spills (see the ptx::opaque calls below, empty asm
+//   statements that stop the optimiser from hoisting per-step addresses out of the key loop).
 // - Key blocks of 64 for both head dims. One K and one V buffer (FlashAttention-2's
 //   pipeline): V_j is in flight during S = Q K_j^T and the softmax, K_{j+1} during O += P V_j.
 //   Shared memory: Q (128 x D) + K + V (64 x D each) = 64 KB at D=128, 32 KB at D=64, so two
@@ -50,6 +50,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace llama_fast {
 namespace {
@@ -89,63 +90,28 @@ struct FwdParams {
 };
 
 // ---------------------------------------------------------------------------------------
-// PTX wrappers. The asm statements that touch shared memory carry a "memory" clobber so
-// that the compiler keeps them in order with __syncthreads and with plain shared accesses.
+// PTX (ptx.cuh, which the CPU emulator of the tests also implements).
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using ptx::cp_async_commit;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+using ptx::smem_addr;
 
-// 16 bytes global -> shared, bypassing L1. src_bytes = 0 reads nothing and writes zeros.
+// 16 bytes global -> shared, bypassing L1. valid == false reads nothing and writes zeros.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  ptx::cp_async_cg_16(dst, src, valid ? 16 : 0);
 }
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 matrices of 16-bit elements; lanes 8i..8i+7 give the row addresses of matrix i,
-// register i receives matrix i: lane l holds row l / 4, columns 2 (l % 4) and +1.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// As ldmatrix_x4, transposed: lane l holds column l / 4, rows 2 (l % 4) and +1.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+  ptx::cp_async_wait_group<N>();
 }
 
 // c (16x8, float32) += a (16x16, row-major) * b (16x8, column-major).
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                          uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ptx::mma_m16n8k16<T>(c, a, b0, b1);
 }
 
 // Two floats rounded to T (nearest even) in one register, lo in the low 16 bits: the
@@ -199,7 +165,7 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, i
   uint16_t* to = tile + swizzled<D>(first_row, chunk);
   const uint16_t* from = src + first_row * row_stride + chunk * 8;
   int64_t pass_stride = kRowsPerPass * row_stride;
-  asm volatile("" : "+l"(pass_stride));  // keeps i * pass_stride from being hoisted out of the key loop
+  ptx::opaque(pass_stride);  // keeps i * pass_stride from being hoisted out of the key loop
 #pragma unroll
   for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
     const bool valid = first_row + i * kRowsPerPass < valid_rows;
@@ -299,7 +265,9 @@ __device__ __forceinline__ void attn_fwd_block(const FwdParams& p, const SeqView
     const int n0 = j * kBlockN;
     // Opaque to the optimiser: otherwise it hoists every (step, operand) address out of the
     // loop into ~24 registers, and D=128 spills.
-    asm volatile("" : "+r"(q_lane), "+r"(k_lane), "+r"(v_lane));
+    ptx::opaque(q_lane);
+    ptx::opaque(k_lane);
+    ptx::opaque(v_lane);
     cp_async_wait<0>();  // K_j (and Q) landed for this thread's part...
     __syncthreads();     // ... and for everyone's; every warp is done with V_{j-1}
     load_tile<kBlockN, D>(v_smem, s.v + n0 * v_rs, v_rs, k_len - n0, p.aligned);
@@ -485,7 +453,7 @@ __device__ __forceinline__ void attn_fwd_block(const FwdParams& p, const SeqView
 
 template <typename T, int D, bool CAUSAL>
 __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const FwdParams p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = dynamic_shared<unsigned char>();
   uint16_t* q_smem = reinterpret_cast<uint16_t*>(smem);
   uint16_t* k_smem = q_smem + kBlockM * D;
   uint16_t* v_smem = k_smem + kBlockN * D;
@@ -522,7 +490,7 @@ void launch_attn_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   constexpr size_t kSmem = smem_bytes<D>();
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)),
              kAttnFwdName, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  launch(kernel, grid, kThreads, kSmem, stream, p);
 }
 
 template <typename T>

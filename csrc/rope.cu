@@ -279,21 +279,21 @@ void rope(const RopeArgs& a, const Launch& at) {
 
   dispatch_dtype(a.x_dtype, kName, [&](auto x_tag) {
     using T = decltype(x_tag);
-    auto launch = [&](auto cs_tag) {
+    auto launch_for_tables = [&](auto cs_tag) {
       using CS = decltype(cs_tag);
       dispatch_vec<T>(vec, [&](auto vec_tag) {
         constexpr int kVec = decltype(vec_tag)::value;
         if (a.interleaved) {
-          rope_kernel<T, CS, kVec, true><<<blocks, threads, 0, stream_of(at)>>>(p);
+          launch(rope_kernel<T, CS, kVec, true>, blocks, threads, 0, at, p);
         } else {
-          rope_kernel<T, CS, kVec, false><<<blocks, threads, 0, stream_of(at)>>>(p);
+          launch(rope_kernel<T, CS, kVec, false>, blocks, threads, 0, at, p);
         }
       });
     };
     if (a.cs_dtype == a.x_dtype) {
-      launch(T{});
+      launch_for_tables(T{});
     } else {
-      launch(float{});  // cos/sin in float32 (checked above)
+      launch_for_tables(float{});  // cos/sin in float32 (checked above)
     }
   });
   end_launch(kName);

@@ -207,7 +207,7 @@ void swiglu_fwd(const SwigluFwdArgs& a, const Launch& at) {
   dispatch_dtype(a.dtype, kName, [&](auto tag) {
     using T = decltype(tag);
     dispatch_vec<T>(vec, [&](auto vec_tag) {
-      swiglu_fwd_kernel<T, decltype(vec_tag)::value><<<grid, block, 0, stream_of(at)>>>(a);
+      launch(swiglu_fwd_kernel<T, decltype(vec_tag)::value>, grid, block, 0, at, a);
     });
   });
   end_launch(kName);
@@ -226,7 +226,7 @@ void swiglu_bwd(const SwigluBwdArgs& a, const Launch& at) {
   dispatch_dtype(a.dtype, kName, [&](auto tag) {
     using T = decltype(tag);
     dispatch_vec<T>(vec, [&](auto vec_tag) {
-      swiglu_bwd_kernel<T, decltype(vec_tag)::value><<<grid, block, 0, stream_of(at)>>>(a);
+      launch(swiglu_bwd_kernel<T, decltype(vec_tag)::value>, grid, block, 0, at, a);
     });
   });
   end_launch(kName);

@@ -8,8 +8,10 @@ Backends
   torch   the float32-accumulating PyTorch reference (``llama_fast.reference``); any device.
   triton  the Triton kernels (``llama_fast.kernels``); CUDA tensors, or CPU tensors when
           ``TRITON_INTERPRET=1`` is set (the Triton interpreter, for testing).
-  cuda    the CUDA C++ extension ``llama_fast._C`` (``llama_fast.cuda_ops``); CUDA tensors.
-          What its kernels do not cover goes to the Triton kernels (``cuda_ops.ROUTED``).
+  cuda    the CUDA C++ extension ``llama_fast._C`` (``llama_fast.cuda_ops``); CUDA tensors
+          (or CPU tensors, when forced, under the tests' CPU emulator of the kernels:
+          ``LLAMA_FAST_CUDA_EMULATOR``). What its kernels do not cover goes to the Triton
+          kernels (``cuda_ops.ROUTED``).
 
 ``auto`` (the default) picks, on CUDA tensors, the first available backend of the op's
 ``AUTO_ORDER_CUDA`` entry, and torch on CPU tensors (triton when the interpreter is on).
@@ -92,6 +94,36 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Test hook: LLAMA_FAST_CUDA_EMULATOR holds the path of a build of the CPU emulator of the
+# CUDA kernels (tests/cuda_emulator: the same csrc/ sources compiled as host C++). The cuda
+# backend then runs them on CPU tensors when forced (never under auto), as triton runs on
+# CPU tensors under TRITON_INTERPRET=1. For the test suite only.
+def cuda_emulator_path() -> str | None:
+    return os.environ.get("LLAMA_FAST_CUDA_EMULATOR") or None
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_emulator(path: str):
+    """The emulator module built at ``path`` (imported from that file, as ``_C_emu``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_C_emu", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"LLAMA_FAST_CUDA_EMULATOR={path!r} is not a loadable module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _emulator_status(path: str) -> str | None:
+    try:
+        load_cuda_emulator(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _import_status(module: str) -> str | None:
     """None when ``module`` imports, else why not (one line)."""
@@ -114,6 +146,10 @@ def backend_status(name: str) -> str | None:
             return "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, slowly)"
         return None
     if name == "cuda":
+        emulator = cuda_emulator_path()
+        if emulator:  # test hook (see cuda_emulator_path)
+            why = _emulator_status(emulator)
+            return f"the CUDA emulator {emulator} does not load ({why})" if why else None
         why = _import_status("llama_fast._C")
         if why:
             return f"the CUDA extension llama_fast._C is not built ({why})"
@@ -134,6 +170,8 @@ def device_reason(name: str, device: torch.device) -> str | None:
         return None
     if name == "triton" and device.type == "cpu" and triton_interpreter_on():
         return None
+    if name == "cuda" and device.type == "cpu" and cuda_emulator_path():
+        return None  # the CPU emulator of the tests
     extra = " (or CPU tensors with TRITON_INTERPRET=1)" if name == "triton" else ""
     return f"backend {name!r} runs on CUDA tensors{extra}, got a {device.type} tensor"
 

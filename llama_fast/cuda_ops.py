@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast import _alloc
-from llama_fast import _C  # raises ImportError here, not mid-call, when the extension is not built
+from llama_fast import _alloc, backends
+
+if backends.cuda_emulator_path():
+    # Test hook: the CPU emulator of these kernels (tests/cuda_emulator) stands in for the
+    # extension, on CPU tensors (see backends.cuda_emulator_path).
+    _C = backends.load_cuda_emulator(backends.cuda_emulator_path())
+else:
+    from llama_fast import _C  # raises ImportError here, not mid-call, when the extension is not built
 from llama_fast.kernels import flash_attn as _triton_attn
 from llama_fast.kernels import flash_decode as _triton_decode
 from llama_fast.kernels._common import as_rows, device_guard, persistent_programs, row_stride
@@ -28,18 +34,23 @@ ROUTED = {
     "attn_varlen_bwd": "always (the backward pass runs the Triton kernels)",
     "attn_fwd": "float32, or head dims other than 64 and 128",
     "attn_varlen_fwd": "float32, or head dims other than 64 and 128",
-    "decode": "head dims other than 64, 128 and 256, or more than 64 query rows (GQA group x Sq) per KV head",
+    "decode": "head dims above 256, more than 64 query rows (GQA group x Sq) per KV head, or float32 with head dim > 128 and > 16 rows",
 }
 
 ATTN_HEAD_DIMS = (64, 128)
-DECODE_HEAD_DIMS = (64, 128, 256)
+DECODE_MAX_HEAD_DIM = 256  # any head dim up to this (padded to 64/128/256 inside)
 DECODE_MAX_ROWS = 64  # GQA group x Sq rows of one KV head that the decode kernel's tile holds
+# float32 at head dims past 128 with more than 16 rows needs ~210 KiB of shared memory:
+# more than an A100 has, so those go to Triton everywhere.
+DECODE_FLOAT32_WIDE_MAX_ROWS = 16
 DECODE_BLOCK_N = 64  # keys per step of the decode kernel: splits never outnumber key blocks
 RMS_NORM_BWD_PARTIALS_PER_SM = 2  # weight-gradient partial rows (summed afterwards, in order)
 
 
 def _launch(t: torch.Tensor) -> dict:
     """The device index and torch's current stream there, as the extension takes them."""
+    if t.device.type == "cpu":  # the CPU emulator (test hook): one device, no streams
+        return {"device": 0, "stream": 0}
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return {"device": index, "stream": torch.cuda.current_stream(index).cuda_stream}
 
@@ -50,7 +61,7 @@ def _check_device(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device.type != "cuda":
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and backends.cuda_emulator_path()):
             raise ValueError(f"{op}: {name} must be a CUDA tensor for the cuda backend, got {t.device}")
         if first is None:
             first = (name, t.device)
@@ -223,8 +234,10 @@ attn_varlen_bwd = _triton_attn.attn_varlen_bwd
 
 
 def decode_in_cuda(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    group = q.shape[2] // max(1, k_cache.shape[2])
-    return q.shape[-1] in DECODE_HEAD_DIMS and group * q.shape[1] <= DECODE_MAX_ROWS
+    rows = q.shape[2] // max(1, k_cache.shape[2]) * q.shape[1]
+    if q.dtype == torch.float32 and q.shape[-1] > 128 and rows > DECODE_FLOAT32_WIDE_MAX_ROWS:
+        return False
+    return q.shape[-1] <= DECODE_MAX_HEAD_DIM and rows <= DECODE_MAX_ROWS
 
 
 def decode_splits(requested: int, device: torch.device, batch: int, kv_heads: int, seqlen_max: int) -> int:

@@ -726,3 +726,77 @@ def test_device_mix():
         llama_fast.flash_attn_varlen(_t(5, 4, 8), _t(5, 2, 8), _t(5, 2, 8), cpu, cu_seqlens([5]), 5, 5)
     with pytest.raises(ValueError, match="cache_seqlens must be on q's device"):
         llama_fast.flash_decode(_t(1, 1, 4, 8), _t(1, 6, 2, 8), _t(1, 6, 2, 8), torch.tensor([3], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# The cuda backend's own kernels. On the CPU the cases above use small head dims and
+# float32, which the cuda backend routes to Triton (cuda_ops.ROUTED); these reach its
+# kernels (flash_attn: 16-bit dtypes, head dims 64 and 128; flash_decode: any head dim up
+# to 256, up to 64 query rows per kv head) across their tile boundaries: on a GPU, or on
+# the CPU under the emulator of the CUDA kernels (tests/cuda_emulator, see conftest.py).
+# Forward only: the cuda backend's attention backward is Triton's.
+
+CUDA = [b for b in BACKENDS if b == "cuda"]
+F16, BF16 = torch.float16, torch.bfloat16
+
+CUDA_ATTN_CASES = {  # name: (b, sq, sk, hq, hkv, d, dtype, causal)
+    "two_query_blocks_gqa": (1, 200, 200, 4, 2, 64, BF16, True),
+    "queries_after_a_prefix": (2, 37, 150, 2, 1, 128, F16, True),
+    "more_queries_than_keys": (1, 150, 70, 3, 1, 64, F16, True),  # the first 80 rows see no key
+    "full_d128": (1, 129, 65, 2, 2, 128, BF16, False),
+    "full_gqa4_f16": (1, 65, 130, 4, 1, 64, F16, False),
+    "single_token": (3, 1, 1, 2, 1, 64, BF16, True),
+}
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("case", list(CUDA_ATTN_CASES))
+def test_cuda_attention_tiles(backend, case):
+    b, sq, sk, hq, hkv, d, dtype, causal = CUDA_ATTN_CASES[case]
+    out = check_attn(backend, *qkv(b, sq, sk, hq, hkv, d, dtype), causal=causal, grads=False)
+    if causal and sq > sk:
+        assert torch.equal(out[:, : sq - sk].float(), torch.zeros_like(out[:, : sq - sk].float()))
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("layout", ["fused_qkv", "padded_rows", "mixed"])
+def test_cuda_attention_layouts(backend, layout):
+    """16-byte aligned rows go by cp.async; padded rows (misaligned) by the element-wise path."""
+    q, k, v = make_layout(layout, 2, 70, 4, 2, 64, BF16)
+    check_attn(backend, q, k, v, causal=True, grads=False)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cuda_attention_varlen(backend, causal):
+    """Sequences across query and key blocks, one without queries and one without keys."""
+    lens_q, lens_k = [5, 130, 0, 64, 2], [9, 130, 3, 64, 0]
+    hq, hkv, d, dtype = 4, 2, 128, BF16
+    q = randn((sum(lens_q), hq, d), dtype)
+    k, v = randn((sum(lens_k), hkv, d), dtype), randn((sum(lens_k), hkv, d), dtype)
+    with llama_fast.backend(backend):
+        out = llama_fast.flash_attn_varlen(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q), max(lens_k),
+                                           causal=causal)
+    expected = varlen_reference(f64(q), f64(k), f64(v), lens_q, lens_k, causal, 1.0 / math.sqrt(d))
+    assert_close(out, expected, dtype, "out")
+
+
+CUDA_DECODE_CASES = {  # name: (hq, hkv, d, sq, dtype, num_splits, lengths, smax, pad)
+    "64_rows_per_kv_head": (32, 2, 128, 4, BF16, 4, [0, 1, 64, 65, 200], 200, 0),
+    "head_dim_256_f16": (8, 1, 256, 1, F16, 2, [3, 150], 150, 0),
+    # Caches in padded rows, starting `pad` elements into them: K/V copies of 8, 4, 2 bytes.
+    "8_byte_copies": (4, 2, 64, 2, BF16, 2, [70, 129], 140, 4),
+    "4_byte_copies": (4, 1, 128, 1, F16, 3, [1, 97], 100, 2),
+    "2_byte_copies": (2, 1, 64, 3, BF16, 1, [40, 5], 64, 1),
+}
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("case", list(CUDA_DECODE_CASES))
+def test_cuda_decode_tiles(backend, case):
+    hq, hkv, d, sq, dtype, splits, lengths, smax, pad = CUDA_DECODE_CASES[case]
+    q, k, v, seqlens = make_cache(len(lengths), smax, hq, hkv, d, sq, lengths, dtype)
+    if pad:
+        k, v = (torch.cat([t.new_zeros(*t.shape[:-1], pad), t, t.new_zeros(*t.shape[:-1], 1)], -1)[..., pad : pad + d]
+                for t in (k, v))
+    check_decode(backend, q, k, v, seqlens, num_splits=splits)

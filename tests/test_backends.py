@@ -75,6 +75,7 @@ def test_bad_backend_names_are_refused(monkeypatch):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="needs the CPU as the test device")
 def test_forced_backends_refuse_what_they_cannot_serve(monkeypatch):
+    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)  # the CPU emulator accepts CPU tensors
     x, w = torch.randn(2, 4), torch.randn(4)
     with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError, match="backend 'cuda' cannot serve"):
         llama_fast.rms_norm(x, w)
