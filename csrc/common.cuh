@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "llama_fast.h"
@@ -191,6 +192,25 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   __syncthreads();
   x = lane < warps ? scratch[lane] : 0.0f;
   return warp_sum(x);
+}
+
+inline int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// A stride along a dimension of size 1 is never stepped and may be anything (torch reports
+// all sorts there): leave it out of alignment checks.
+inline int64_t stepped(int64_t stride, int64_t size) { return size > 1 ? stride : 0; }
+
+// Calls body(std::integral_constant<int, vec>) for vec in {8, 4, 2, 1}, instantiating only
+// the widths a 16-byte pack of T allows.
+template <typename T, typename Body>
+void dispatch_vec(int vec, Body&& body) {
+  constexpr int kMax = 16 / static_cast<int>(sizeof(T));
+  if constexpr (kMax >= 8) {
+    if (vec == 8) return body(std::integral_constant<int, 8>{});
+  }
+  if (vec == 4) return body(std::integral_constant<int, 4>{});
+  if (vec == 2) return body(std::integral_constant<int, 2>{});
+  body(std::integral_constant<int, 1>{});
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

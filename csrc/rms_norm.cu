@@ -637,8 +637,6 @@ bool vec_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % Vec<T, VEC>::kPieceBytes == 0;
 }
 
-// A single row never steps its row stride, which may then be anything.
-int64_t stepped(int64_t stride, int64_t rows) { return rows > 1 ? stride : 0; }
 
 template <typename TX, typename TW, int VEC>
 void launch_fwd_vec(const RmsNormFwdArgs& a, const Launch& at, const char* name) {

@@ -197,12 +197,6 @@ __global__ void __launch_bounds__(kRopeMaxThreads) rope_kernel(RopeLaunch p) {
   }
 }
 
-int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
-// A stride along a dimension of size 1 is never stepped and may be anything (torch reports
-// arbitrary strides there): leave it out of the alignment checks.
-int64_t stepped(int64_t stride, int64_t size) { return size > 1 ? stride : 0; }
-
 // Pairs per unit: the widest VEC such that every x pack (q, k and outputs, both layouts) and
 // every cos/sin pack is aligned. The cos/sin rows are read in packs of min(VEC, 16 bytes of
 // cos/sin), so they only limit VEC when they allow less than a full 16-byte pack.
@@ -232,17 +226,6 @@ int rope_vector_width(const RopeArgs& a) {
                                   {a.half_dim, stepped(a.cs_stride[0], a.batch), stepped(a.cs_stride[1], a.seq_len)});
   if (cs_vec < 16 / cs_bytes && cs_vec < vec) vec = cs_vec;
   return vec;
-}
-
-template <typename T, typename Body>
-void dispatch_vec(int vec, Body&& body) {
-  constexpr int kMax = 16 / static_cast<int>(sizeof(T));
-  if constexpr (kMax >= 8) {
-    if (vec == 8) return body(std::integral_constant<int, 8>{});
-  }
-  if (vec == 4) return body(std::integral_constant<int, 4>{});
-  if (vec == 2) return body(std::integral_constant<int, 2>{});
-  body(std::integral_constant<int, 1>{});
 }
 
 }  // namespace

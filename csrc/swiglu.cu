@@ -174,25 +174,6 @@ void swiglu_shape(const char* name, int64_t rows, int64_t n, int vec, int unroll
   grid = dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min(ceil_div(rows, ty), kMaxGridY)));
 }
 
-// Calls body(std::integral_constant<int, vec>) for vec in {8, 4, 2, 1}, instantiating
-// only the widths a 16-byte pack of T allows.
-template <typename T, typename Body>
-void dispatch_vec(int vec, Body&& body) {
-  constexpr int kMax = 16 / static_cast<int>(sizeof(T));
-  if constexpr (kMax >= 8) {
-    if (vec == 8) return body(std::integral_constant<int, 8>{});
-  }
-  if (vec == 4) return body(std::integral_constant<int, 4>{});
-  if (vec == 2) return body(std::integral_constant<int, 2>{});
-  body(std::integral_constant<int, 1>{});
-}
-
-int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
-// A single row never steps its row stride, which may then be anything: leave it out of
-// the alignment check.
-int64_t stepped(int64_t stride, int64_t rows) { return rows > 1 ? stride : 0; }
-
 }  // namespace
 
 void swiglu_fwd(const SwigluFwdArgs& a, const Launch& at) {
