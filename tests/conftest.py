@@ -40,6 +40,11 @@ from llama_fast import _alloc  # noqa: E402
 RUN_SEED = int(os.environ.get("LLAMA_FAST_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    # pytest -q drops the header: repeat the seed at the end, where a failure is read.
+    terminalreporter.write_line(f"llama_fast: LLAMA_FAST_TEST_SEED={RUN_SEED}")
+
+
 def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0")
     emulator = os.environ.get("LLAMA_FAST_CUDA_EMULATOR", "")
