@@ -58,7 +58,7 @@ def import_llama_fast():
 
 
 @functools.lru_cache(maxsize=None)
-def _import_reason(module: str) -> str | None:
+def import_reason(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken install raising anything else
@@ -76,11 +76,11 @@ def unavailable_reason(provider: str, device: torch.device) -> str | None:
     if provider == "liger":
         if device.type != "cuda":
             return "Liger-Kernel runs on CUDA tensors"
-        return _import_reason("liger_kernel.transformers.functional")
+        return import_reason("liger_kernel.transformers.functional")
     if provider == "flash-attn":
         if device.type != "cuda":
             return "flash-attn runs on CUDA tensors"
-        return _import_reason("flash_attn")
+        return import_reason("flash_attn")
     return None
 
 

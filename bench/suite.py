@@ -49,7 +49,7 @@ from bench import grid as grids  # noqa: E402
 from bench.attention_cases import DECODE_MAX_CACHE_BYTES, attn_empty_row, decode_bytes  # noqa: E402
 from bench.cases import CASES, DTYPES, GPU_SETTINGS, SMOKE_SETTINGS, Settings, dtype_name, empty_row  # noqa: E402
 from bench.providers import (  # noqa: E402
-    ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, _import_reason, unavailable_reason,
+    ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, import_reason, unavailable_reason,
 )
 from bench.rows import attn_row, bench_row, decode_row  # noqa: E402
 
@@ -264,11 +264,11 @@ def _liger_has(op: str) -> bool:
 
 def _provider_reason(provider: str, device) -> str | None:
     if provider.startswith("hf_"):
-        why = _import_reason("transformers")
+        why = import_reason("transformers")
         if why:
             return why
         if provider == "hf_liger":
-            return unavailable_reason("liger", device) or _import_reason("liger_kernel.transformers")
+            return unavailable_reason("liger", device) or import_reason("liger_kernel.transformers")
         return None
     if provider in ("ref_eager", "ref_llama_fast"):
         return None

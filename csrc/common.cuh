@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -53,6 +54,27 @@ inline void begin_launch(const Launch& at, const char* kernel) {
 inline void end_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel, "kernel launch"); }
 
 inline cudaStream_t stream_of(const Launch& at) { return static_cast<cudaStream_t>(at.stream); }
+
+// Lets `kernel` use `bytes` of dynamic shared memory (past the default 48 KB), raising its
+// limit once per device (the attribute belongs to the device's context): `done` is one
+// static per kernel instantiation, a bit per device, so launches after the first make no
+// driver call. A plain host call, so it is safe during CUDA-graph capture.
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& done, const char* name) {
+  if (bytes <= 48 * 1024) return;
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
+  int limit = 0;
+  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), name,
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (bytes > limit) {
+    fail(name, "this shape needs " + std::to_string(bytes) + " bytes of shared memory per block; the device allows " +
+                   std::to_string(limit));
+  }
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name,
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...): every kernel is launched through
 // here, so that the CPU emulator can run the same sources (host C++ has no <<<>>>). Errors

@@ -485,20 +485,20 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const FwdParams p
 }
 
 template <typename T, int D, bool CAUSAL>
-void launch_attn_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+void launch_attn_fwd(const FwdParams& p, dim3 grid, const Launch& at) {
   auto kernel = attn_fwd_kernel<T, D, CAUSAL>;
   constexpr size_t kSmem = smem_bytes<D>();
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)),
-             kAttnFwdName, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  launch(kernel, grid, kThreads, kSmem, stream, p);
+  static std::atomic<uint64_t> smem_raised{0};
+  allow_dynamic_shared(kernel, static_cast<int>(kSmem), at.device, smem_raised, kAttnFwdName);
+  launch(kernel, grid, kThreads, kSmem, at, p);
 }
 
 template <typename T>
-void launch_for_dtype(const FwdParams& p, int64_t head_dim, bool causal, dim3 grid, cudaStream_t stream) {
+void launch_for_dtype(const FwdParams& p, int64_t head_dim, bool causal, dim3 grid, const Launch& at) {
   if (head_dim == 64) {
-    causal ? launch_attn_fwd<T, 64, true>(p, grid, stream) : launch_attn_fwd<T, 64, false>(p, grid, stream);
+    causal ? launch_attn_fwd<T, 64, true>(p, grid, at) : launch_attn_fwd<T, 64, false>(p, grid, at);
   } else {
-    causal ? launch_attn_fwd<T, 128, true>(p, grid, stream) : launch_attn_fwd<T, 128, false>(p, grid, stream);
+    causal ? launch_attn_fwd<T, 128, true>(p, grid, at) : launch_attn_fwd<T, 128, false>(p, grid, at);
   }
 }
 
@@ -563,11 +563,10 @@ void attn_fwd(const AttnFwdArgs& a, const Launch& at) {
 
   const dim3 grid(static_cast<unsigned>(a.batch * a.q_heads),
                   static_cast<unsigned>(std::min<int64_t>(p.num_m_blocks, kMaxGridY)));
-  const cudaStream_t stream = stream_of(at);
   if (a.dtype == DType::kBFloat16) {
-    launch_for_dtype<__nv_bfloat16>(p, a.head_dim, a.causal, grid, stream);
+    launch_for_dtype<__nv_bfloat16>(p, a.head_dim, a.causal, grid, at);
   } else {
-    launch_for_dtype<__half>(p, a.head_dim, a.causal, grid, stream);
+    launch_for_dtype<__half>(p, a.head_dim, a.causal, grid, at);
   }
   end_launch(kAttnFwdName);
 }

@@ -598,31 +598,12 @@ __global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(cons
 // ---------------------------------------------------------------------------------------
 // Host side.
 
-// Raises the dynamic shared memory limit of a kernel once per device (the attribute is per
-// device context); a plain host call, so it is safe during CUDA-graph capture.
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& done) {
-  if (bytes <= 48 * 1024) return;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
-  int limit = 0;
-  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), kSplitKernelName,
-             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  if (bytes > limit) {
-    fail(kSplitKernelName, "this head dim / rows-per-kv-head / dtype needs " + std::to_string(bytes) +
-                               " bytes of shared memory per block; the device allows " + std::to_string(limit));
-  }
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), kSplitKernelName,
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  done.fetch_or(bit, std::memory_order_relaxed);
-}
-
 template <typename T, int HEAD_DIM_PAD, int ROWS_PAD>
 void launch_split(const DecodeParams& p, const Launch& at) {
   using S = DecodeShape<T, HEAD_DIM_PAD, ROWS_PAD>;
   static std::atomic<uint64_t> smem_raised{0};
   auto kernel = decode_split_kernel<T, HEAD_DIM_PAD, ROWS_PAD>;
-  allow_shared_memory(kernel, S::kSmemBytes, at.device, smem_raised);
+  allow_dynamic_shared(kernel, S::kSmemBytes, at.device, smem_raised, kSplitKernelName);
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.kv_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
   launch(kernel, grid, S::kThreads, S::kSmemBytes, at, p);

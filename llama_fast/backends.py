@@ -16,8 +16,8 @@ Backends
 ``auto`` (the default) picks, on CUDA tensors, the first available backend of the op's
 ``AUTO_ORDER_CUDA`` entry, and torch on CPU tensors (triton when the interpreter is on).
 ``backend(name)`` forces one for a block of code, and the ``LLAMA_FAST_BACKEND`` variable
-sets the default; a forced backend that cannot serve an
-input raises ``BackendUnavailableError`` rather than quietly running something else.
+sets the default; a forced backend that cannot serve an input raises
+``BackendUnavailableError`` rather than quietly running something else.
 """
 from __future__ import annotations
 
@@ -115,23 +115,24 @@ def load_cuda_emulator(path: str):
     return module
 
 
-@functools.lru_cache(maxsize=None)
-def _emulator_status(path: str) -> str | None:
+def _load_reason(load: Callable[[str], object], what: str) -> str | None:
+    """None when ``load(what)`` succeeds, else why not (one line)."""
     try:
-        load_cuda_emulator(path)
-    except Exception as exc:
+        load(what)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _emulator_status(path: str) -> str | None:
+    return _load_reason(load_cuda_emulator, path)
 
 
 @functools.lru_cache(maxsize=None)
 def _import_status(module: str) -> str | None:
     """None when ``module`` imports, else why not (one line)."""
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
+    return _load_reason(importlib.import_module, module)
 
 
 def backend_status(name: str) -> str | None:
