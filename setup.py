@@ -10,29 +10,31 @@ the package installs without it and the Triton kernels serve. The extension does
 libtorch (the C++ side takes raw pointers, sizes, strides and the stream), so the build
 needs no torch and one build serves every torch version. nvcc compiles each ``.cu`` file,
 the host compiler the pybind11 bindings, and nvcc links the module with the CUDA runtime
-linked statically. The compiles run in parallel, one thread per job (what ninja -j would
-do, without a build-time dependency and with each job's ptxas report kept), and only
-those whose object is older than its source or a header rerun.
+linked statically. ninja (a build requirement in pyproject.toml) runs the compiles in
+parallel and reruns only what a changed source, header or flag affects; without ninja
+(``--no-build-isolation`` in an environment that lacks it) the same commands run one at a
+time.
 
 Settings (environment variables)
   LLAMA_FAST_NO_CUDA=1        skip the extension
   LLAMA_FAST_CUDA_ARCHS       ";"-separated compute capabilities, default "80;90"; PTX for
                               the newest is embedded too, so later GPUs JIT-compile it
   LLAMA_FAST_WERROR=1         warnings in our sources are errors (CI sets it)
-  LLAMA_FAST_BUILD_JOBS       parallel compile jobs (default: CPU count)
+  LLAMA_FAST_BUILD_JOBS       parallel compile jobs (ninja -j; default: ninja's)
 
 Next to the module the build leaves ``_C.ptxas.txt``: ptxas's report of registers, shared
-memory and spills for every kernel (tests/test_cuda_build.py reads it).
+memory and spills for every kernel, after a first line naming the build tool, nvcc and
+the archs (tests/test_cuda_backend.py reads it).
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -62,8 +64,54 @@ def nvcc_version(nvcc: str) -> str:
     return out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
+def find_ninja() -> str | None:
+    try:  # the ninja wheel (a build requirement) puts its binary in the build environment
+        import ninja
+
+        binary = Path(ninja.BIN_DIR) / "ninja"
+        if binary.exists():
+            return str(binary)
+    except ImportError:
+        pass
+    return shutil.which("ninja")
+
+
+# The build rules as shell commands (ninja runs each with /bin/sh -c and shell-quotes $in
+# and $out). An nvcc compile's output, ptxas's report of every kernel, goes to $out.log and
+# is shown only when the compile fails; the depfiles make a header change rebuild its users.
+RULES = {
+    "nvcc": "$nvcc $nvcc_flags -MMD -MF $out.d -c $in -o $out > $out.log 2>&1 || { cat $out.log; exit 1; }",
+    "cxx": "$cxx $cxx_flags -MMD -MF $out.d -c $in -o $out",
+    "link": "$nvcc -shared -cudart static $gencode -o $out $in",
+}
+
+
+def ninja_file(variables: dict[str, list[str]], edges: list[tuple[str, Path, list[Path]]]) -> str:
+    """build.ninja for the (rule, output, inputs) edges; ninja reruns an edge when an input
+    or a header named in its depfile is newer, or when its command line changed."""
+    def path(p: Path) -> str:
+        return str(p).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+    lines = ["ninja_required_version = 1.3"]
+    lines += [f"{name} = " + shlex.join(value).replace("$", "$$") for name, value in variables.items()]
+    for rule, command in RULES.items():
+        lines += [f"rule {rule}", f"  command = {command}", f"  description = {rule} $out"]
+        if "$out.d" in command:
+            lines += ["  depfile = $out.d", "  deps = gcc"]
+    lines += [f"build {path(out)}: {rule} " + " ".join(map(path, inputs)) for rule, out, inputs in edges]
+    return "\n".join(lines) + "\n"
+
+
+def expand(command: str, variables: dict[str, list[str]], out: Path, inputs: list[Path]) -> str:
+    """One rule's shell command with its variables filled in, as ninja would run it."""
+    values = {name: shlex.join(value) for name, value in variables.items()}
+    values.update(out=shlex.quote(str(out)), **{"in": shlex.join(map(str, inputs))})
+    return re.sub(r"\$(\w+)", lambda m: values[m.group(1)], command)
+
+
 class BuildCudaExtension(build_ext):
-    """Compiles csrc/ into llama_fast._C: nvcc for .cu, the host compiler for bindings.cpp."""
+    """Compiles csrc/ into llama_fast._C with ninja: nvcc for each .cu, the host compiler
+    for bindings.cpp, nvcc for the link."""
 
     def build_extension(self, ext: Extension) -> None:
         import pybind11  # a build requirement (pyproject.toml), imported only when building
@@ -71,6 +119,7 @@ class BuildCudaExtension(build_ext):
         nvcc = find_nvcc()
         archs = cuda_archs()
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(self.build_temp).resolve() / "csrc"
         work.mkdir(parents=True, exist_ok=True)
         werror = os.environ.get("LLAMA_FAST_WERROR", "0") not in ("", "0")
@@ -80,63 +129,43 @@ class BuildCudaExtension(build_ext):
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         nvcc_flags = ["-std=c++17", "-O3", "-I" + str(CSRC), "-Xcompiler", ",".join(["-fPIC", "-fvisibility=hidden"] + warn),
                       "--resource-usage", *gencode] + (["-Werror", "all-warnings"] if werror else [])
-        cxx = os.environ.get("CXX", "c++")
         defines = [f'-DLLAMA_FAST_CUDA_ARCHS="{";".join(archs)}"', f'-DLLAMA_FAST_NVCC_VERSION="{nvcc_version(nvcc)}"']
         cxx_flags = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", *warn, *includes, *defines]
+        variables = {"nvcc": [nvcc], "cxx": [os.environ.get("CXX", "c++")], "nvcc_flags": nvcc_flags,
+                     "cxx_flags": cxx_flags, "gencode": gencode}
+        edges = [("nvcc", work / (src.stem + ".o"), [src]) for src in sorted(CSRC.glob("*.cu"))]
+        edges.append(("cxx", work / "bindings.o", [CSRC / "bindings.cpp"]))
+        edges.append(("link", target, [out for _, out, _ in edges]))
 
-        jobs = []  # (output, command, ptxas report or None)
-        for src in sorted(CSRC.glob("*.cu")):
-            obj = work / (src.stem + ".o")
-            jobs.append((obj, [nvcc, *nvcc_flags, "-c", str(src), "-o", str(obj)], work / (src.stem + ".ptxas.txt")))
-        bindings = work / "bindings.o"
-        jobs.append((bindings, [cxx, *cxx_flags, "-c", str(CSRC / "bindings.cpp"), "-o", str(bindings)], None))
-        self._compile_all(jobs)
+        ninja = find_ninja()
+        if ninja:
+            (work / "build.ninja").write_text(ninja_file(variables, edges))
+            jobs = os.environ.get("LLAMA_FAST_BUILD_JOBS")
+            self._run([ninja, "-C", str(work), *(["-j", jobs] if jobs else [])])
+            tool = f"ninja {subprocess.run([ninja, '--version'], capture_output=True, text=True).stdout.strip()}"
+        else:  # the same commands, one at a time (ninja is a build requirement; this is --no-build-isolation without it)
+            print("llama_fast: ninja not found (pip install ninja): compiling the CUDA extension one file at a time")
+            for rule, out, inputs in edges:
+                self._run(["sh", "-c", expand(RULES[rule], variables, out, inputs)])
+            tool = "sequential compiles (no ninja)"
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        link = [nvcc, "-shared", "-cudart", "static", *gencode, "-o", str(target), *(str(j[0]) for j in jobs)]
-        self._run(link, "link")
-        # Beside the module in the wheel, and in the source package (where an editable
-        # install's module lands).
-        report = "".join(j[2].read_text() for j in jobs if j[2] is not None)
+        # ptxas's report (registers, shared memory, spills) of each .cu, beside the module in
+        # the wheel and in the source package (where an editable install's module lands).
+        reports = [out.with_name(out.name + ".log") for rule, out, _ in edges if rule == "nvcc"]
+        text = f"# llama_fast._C built by {tool}, nvcc {nvcc_version(nvcc)}, archs {';'.join(archs)}\n"
+        text += "".join(f"# {r.name.split('.')[0]}.cu\n" + r.read_text() for r in reports)
         for folder in {target.parent, ROOT / "llama_fast"}:
-            (folder / "_C.ptxas.txt").write_text(report)
-
-    def _compile_all(self, jobs) -> None:
-        # ptxas reports registers and spills on stderr; each compile's stderr is kept.
-        parallel = int(os.environ.get("LLAMA_FAST_BUILD_JOBS") or os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            failures = [f for f in pool.map(self._compile_one, jobs) if f]
-        if failures:
-            raise SystemExit("llama_fast: building the CUDA extension failed (set LLAMA_FAST_NO_CUDA=1 to install "
-                             "without it):\n" + "\n".join(failures))
-
-    @staticmethod
-    def _compile_one(job) -> str | None:
-        obj, cmd, report = job
-        inputs = [Path(cmd[cmd.index("-c") + 1]), *CSRC.glob("*.h"), *CSRC.glob("*.cuh"), ROOT / "setup.py"]
-        cmd_file = obj.with_suffix(".cmd")  # a change of flags (archs, -Werror) rebuilds too
-        fresh = obj.exists() and (report is None or report.exists())
-        fresh = fresh and cmd_file.exists() and cmd_file.read_text() == shlex.join(cmd)
-        if fresh and obj.stat().st_mtime > max(p.stat().st_mtime for p in inputs):
-            return None  # up to date
-        print("llama_fast:", shlex.join(cmd), flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if report is not None:
-            report.write_text(f"# {obj.stem}.cu\n" + done.stderr)
-        if done.returncode:
-            return f"$ {shlex.join(cmd)}\n{done.stdout}{done.stderr}"
-        cmd_file.write_text(shlex.join(cmd))
-        warnings = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+            (folder / "_C.ptxas.txt").write_text(text)
+        warnings = [line for line in text.splitlines() if "warning" in line.lower()]
         if warnings:
             print("\n".join(warnings), file=sys.stderr)
-        return None
 
     @staticmethod
-    def _run(cmd: list[str], what: str) -> None:
+    def _run(cmd: list[str]) -> None:
         print("llama_fast:", shlex.join(cmd), flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"llama_fast: {what} of the CUDA extension failed:\n$ {shlex.join(cmd)}\n{done.stdout}{done.stderr}")
+        if subprocess.run(cmd).returncode:
+            raise SystemExit("llama_fast: building the CUDA extension failed (the error is above; set "
+                             "LLAMA_FAST_NO_CUDA=1 to install without it)")
 
 
 def extensions() -> list[Extension]:

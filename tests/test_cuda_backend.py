@@ -42,8 +42,8 @@ def _ptxas_entries() -> list[tuple[str, str, str, int, int]]:
     report = (REPO / "llama_fast" / "_C.ptxas.txt").read_text()
     entries, current_file, current = [], None, None
     for line in report.splitlines():
-        if line.startswith("# "):
-            current_file = line[2:].strip()
+        if m := re.fullmatch(r"# (\w+\.cu)", line.strip()):
+            current_file = m.group(1)
         elif m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
             current = [current_file, m.group(1), m.group(2), None, 0]
         elif current and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
@@ -66,6 +66,16 @@ def test_ptxas_report_has_every_kernel_for_both_archs_and_no_spills():
     spilling = [e for e in entries if e[4] > 0]
     assert not spilling, "kernels that spill registers: " + ", ".join(f"{f}:{k} {a} {s} B" for f, k, a, _, s in spilling)
     assert all(e[3] <= 255 for e in entries)
+
+
+@needs_extension
+def test_extension_was_built_by_ninja_for_the_default_archs():
+    # ninja is a build requirement (pyproject.toml); the fallback (one compile at a time)
+    # is for --no-build-isolation installs that lack it, not for CI.
+    first = (REPO / "llama_fast" / "_C.ptxas.txt").read_text().splitlines()[0]
+    assert re.match(r"# llama_fast\._C built by ninja \S+, nvcc .*, archs ", first), first
+    if not os.environ.get("LLAMA_FAST_CUDA_ARCHS"):
+        assert first.endswith("archs 80;90"), first
 
 
 @needs_extension
