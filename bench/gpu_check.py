@@ -14,8 +14,10 @@ and the exit status is 1 if anything failed:
               and PYTHONPATH for the later steps
 1. install    ``python -m pip install --no-build-isolation --no-deps -e .`` (which builds the
               CUDA extension from csrc/ where nvcc is present) -> install.log
-2. tests      ``python -m pytest tests -q`` on the GPU (no TRITON_INTERPRET), killed
-              after --tests-timeout seconds -> tests.log; passed/failed counts recorded
+2. tests      ``python -m pytest tests -q`` on the GPU (no TRITON_INTERPRET), in two
+              parts: ``-k cuda`` first (the cuda backend), then ``-k "not cuda"``; killed
+              after --tests-timeout seconds in all -> tests-cuda.log, tests-rest.log;
+              passed/failed counts recorded per part and summed
 3. ceilings   a 1 GiB device-to-device copy (read + write bytes) -> copy_gbps, and a bf16
               8192^3 matmul -> bf16_tflops
 4. bench      the ``headline`` grid of the benchmark suite (bench/suite.py) in bf16: every
@@ -29,7 +31,7 @@ Printed last: the tables, then a short summary (steps, ceilings, and per case ll
 time against the fastest other provider).
 
 Results go to --out, else $OUT, else bench/results/<gpu-name>-<date>/: gpu_check.json,
-gpu_check.md (the tables), gpu_check.log (this script's progress), the two step logs and
+gpu_check.md (the tables), gpu_check.log (this script's progress), the step logs and
 the plots. The JSON and markdown are rewritten after every step and every row, so a run
 killed by an outer time limit still leaves what it measured; --budget-s (from the
 script's start; 500 s leaves an H100 session of 9 minutes room for start-up) makes the
@@ -159,19 +161,34 @@ def parse_pytest(text: str) -> dict:
     return dict(counts, summary=None)
 
 
+# The test run in two parts: the cuda backend first (every op test's cuda parameter, the
+# extension's own tests, sanitizer and CUDA graphs: what only a GPU session can check), then
+# the rest, so a run cut short by its timeout has spent its time where it matters most.
+TEST_PARTS = (("cuda", "cuda"), ("rest", "not cuda"))
+
+
 def step_tests(out_dir: Path, timeout_s: float, on_gpu: bool) -> dict:
     env = dict(os.environ)
     if on_gpu:
         env.pop("TRITON_INTERPRET", None)  # the kernels must run compiled on the GPU
     # Every failure is worth seeing from a scarce GPU session, so no -x; pytest-xdist (on
     # the GPU image) spreads Triton's JIT compiles over the cores.
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=25", "-p", "no:cacheprovider"]
+    base = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=25", "-p", "no:cacheprovider"]
     if on_gpu and importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", "8"]
-    code, timed_out = run_logged(cmd, out_dir / "tests.log", timeout_s, env)
-    counts = parse_pytest((out_dir / "tests.log").read_text(errors="replace"))
-    status = "ok" if code == 0 else ("timeout" if timed_out else "failed")
-    return {"status": status, "returncode": code, "timeout_s": timeout_s, "log": "tests.log", **counts}
+        base += ["-n", "8"]
+    deadline = time.monotonic() + timeout_s
+    parts, totals = [], dict.fromkeys(sorted(set(PYTEST_WORDS.values())), 0)
+    for name, keyword in TEST_PARTS:
+        log = f"tests-{name}.log"
+        code, timed_out = run_logged([*base, "-k", keyword], out_dir / log, deadline - time.monotonic(), env)
+        counts = parse_pytest((out_dir / log).read_text(errors="replace"))
+        # pytest exits 5 when -k selects nothing (no test names cuda without the extension)
+        status = "ok" if code in (0, 5) else ("timeout" if timed_out else "failed")
+        parts.append({"part": name, "keyword": keyword, "status": status, "returncode": code, "log": log, **counts})
+        for key in totals:
+            totals[key] += counts[key]
+    worst = next((p["status"] for p in parts if p["status"] != "ok"), "ok")
+    return {"status": worst, "timeout_s": timeout_s, "parts": parts, **totals}
 
 
 # ---------------------------------------------------------------------------------------

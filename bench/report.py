@@ -63,6 +63,7 @@ def _step_summary(name: str, step: dict) -> str:
     text = f"{name} {step['status']}"
     if step.get("passed") is not None or step.get("failed") is not None:
         text += f", {step.get('passed')} passed, {step.get('failed')} failed"
+        text += f", {step['errors']} errors" if step.get("errors") else ""
     if step.get("seconds") is not None:
         text += f" ({step['seconds']:.0f} s)"
     return text

@@ -167,6 +167,28 @@ def test_pytest_summary_parsing():
     assert (killed["passed"], killed["failed"], killed["skipped"], killed["summary"]) == (5, 1, 1, None)
 
 
+def test_tests_step_runs_the_cuda_part_first_and_sums_the_parts(tmp_path, monkeypatch):
+    script = _load_script()
+    calls = []
+
+    def fake_run(cmd, log_path, timeout_s, env=None):
+        calls.append((cmd[cmd.index("-k") + 1], timeout_s))
+        if len(calls) == 1:
+            log_path.write_text("3 failed, 40 passed, 2 skipped in 9.1s\n")
+            return 1, False
+        log_path.write_text("..s.\n")  # killed before its summary
+        return None, True
+
+    monkeypatch.setattr(script, "run_logged", fake_run)
+    result = script.step_tests(tmp_path, 100.0, on_gpu=False)
+    assert [keyword for keyword, _ in calls] == ["cuda", "not cuda"]
+    assert calls[1][1] <= calls[0][1] <= 100.0  # one deadline shared by the parts
+    assert [p["status"] for p in result["parts"]] == ["failed", "timeout"]
+    assert result["status"] == "failed"
+    assert (result["passed"], result["failed"], result["skipped"]) == (43, 3, 3)
+    assert (tmp_path / "tests-cuda.log").is_file() and (tmp_path / "tests-rest.log").is_file()
+
+
 def test_attention_grid_and_plans():
     sys.path.insert(0, str(REPO))
     from bench import attention_cases as ac, grid
