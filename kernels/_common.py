@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton kernels and their launchers."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -60,3 +61,22 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@triton.jit
+def load_tile(ptrs, d_ok, in_range, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A tile of rows x head dims (either way round) of the attention kernels' inner loops.
+    ``d_ok`` (the head dims below HEAD_DIM) and ``in_range`` (the rows before the end of the
+    sequence) come shaped to broadcast over ``ptrs``. MASKED: the block may run past the
+    end; EVEN_D: BLOCK_D == HEAD_DIM, no head-dim padding. Masks only what can be out of
+    bounds, so the common block (unmasked, even D) is a plain vector load."""
+    if MASKED:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=in_range, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=d_ok & in_range, other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=d_ok, other=0.0)
+    return tile

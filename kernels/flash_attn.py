@@ -39,7 +39,7 @@ import triton.language as tl
 from llama_fast import _alloc
 from llama_fast.backends import triton_interpreter_on
 
-from ._common import device_guard, next_pow2
+from ._common import device_guard, load_tile, next_pow2
 
 LOG2E = math.log2(math.e)
 
@@ -104,15 +104,9 @@ def _fwd_inner(
         offs_n = start_n + local_n
         kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
         v_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[:, None] * stride_vn + offs_d[None, :])
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :] & (offs_n[:, None] < k_len), other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        key_ok = offs_n < k_len
+        kt = load_tile(kt_ptrs, d_ok[:, None], key_ok[None, :], MASKED, HEAD_DIM == BLOCK_D)
+        v = load_tile(v_ptrs, d_ok[None, :], key_ok[:, None], MASKED, HEAD_DIM == BLOCK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -233,12 +227,9 @@ def _bwd_dkdv_inner(
         offs_m = start_m + local_m
         qt_ptrs = Q + tl.cast(start_m, tl.int64) * stride_qs + (local_m[None, :] * stride_qs + offs_d[:, None])
         do_ptrs = DO + tl.cast(start_m, tl.int64) * stride_dos + (local_m[:, None] * stride_dos + offs_d[None, :])
-        if MASKED:
-            qt = tl.load(qt_ptrs, mask=d_ok[:, None] & (offs_m[None, :] < q_len), other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok[None, :] & (offs_m[:, None] < q_len), other=0.0)
-        else:
-            qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+        query_ok = offs_m < q_len
+        qt = load_tile(qt_ptrs, d_ok[:, None], query_ok[None, :], MASKED, HEAD_DIM == BLOCK_D)
+        do = load_tile(do_ptrs, d_ok[None, :], query_ok[:, None], MASKED, HEAD_DIM == BLOCK_D)
         lse, delta = _load_row_stats(LSE, DELTA, offs_m, q_len)
         if UPCAST:
             qt = qt.to(tl.float32)
@@ -330,12 +321,9 @@ def _bwd_dq_inner(
         offs_n = start_n + local_n
         kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
         vt_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[None, :] * stride_vn + offs_d[:, None])
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < k_len), other=0.0)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+        key_ok = (offs_n < k_len)[None, :]
+        kt = load_tile(kt_ptrs, d_ok[:, None], key_ok, MASKED, HEAD_DIM == BLOCK_D)
+        vt = load_tile(vt_ptrs, d_ok[:, None], key_ok, MASKED, HEAD_DIM == BLOCK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from llama_fast import _alloc
 
-from ._common import _sm_count, device_guard, next_pow2
+from ._common import _sm_count, device_guard, load_tile, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -74,22 +74,9 @@ def _attend_blocks(
     for blk in range(lo, hi):
         start = blk * BLOCK_N  # positions fit 32 bits; the pointer offset takes 64
         n0 = start.to(tl.int64)
-        if MASKED:
-            key_ok = keys < length - start
-            if EVEN_D:
-                k_mask = key_ok[None, :]
-                v_mask = key_ok[:, None]
-            else:
-                k_mask = d_ok[:, None] & key_ok[None, :]
-                v_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n0 * stride_ks + k_offs, mask=k_mask, other=0.0)
-            v = tl.load(v_base + n0 * stride_vs + v_offs, mask=v_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_base + n0 * stride_ks + k_offs)
-            v = tl.load(v_base + n0 * stride_vs + v_offs)
-        else:
-            k = tl.load(k_base + n0 * stride_ks + k_offs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + n0 * stride_vs + v_offs, mask=d_ok[None, :], other=0.0)
+        key_ok = keys < length - start
+        k = load_tile(k_base + n0 * stride_ks + k_offs, d_ok[:, None], key_ok[None, :], MASKED, EVEN_D)
+        v = load_tile(v_base + n0 * stride_vs + v_offs, d_ok[None, :], key_ok[:, None], MASKED, EVEN_D)
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
