@@ -7,7 +7,8 @@ compiles each ``(kernel, signature, constexprs, num_warps, launch_hints)`` that 
 ``KERNEL_MODULES`` lists in its ``compile_configs()`` for each target architecture and
 reports what the GPU would get: shared memory (Triton's metadata), registers and stack
 frame (``cuobjdump --dump-resource-usage``) and spill bytes (the ``ptxas -v`` log Triton
-writes while compiling; cuobjdump does not report spills).
+writes while compiling; cuobjdump does not report spills), and which tensor-core
+instructions ``tl.dot`` became (``wgmma`` on Hopper, ``mma`` = mma.sync, from the PTX).
 
     python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
 
@@ -176,7 +177,7 @@ def _compile_one(task: tuple) -> dict:
         "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
         "launch_hints": dict(hints), "specialized": None,
         "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?",
-        "compile_s": None, "error": None,
+        "compile_s": None, "tensor_cores": None, "error": None,
     }
     try:
         import triton
@@ -202,6 +203,10 @@ def _compile_one(task: tuple) -> dict:
         result["compile_s"] = round(time.perf_counter() - start, 3)
         result["shared"] = int(compiled.metadata.shared)
         result.update(_cuobjdump_usage(compiled.asm["cubin"]))
+        # Which tensor-core instructions tl.dot became: Hopper's asynchronous warpgroup MMA
+        # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync.
+        ptx = compiled.asm["ptx"]
+        result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log.getvalue())
         if spills:
             result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
@@ -255,14 +260,15 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
     header = ("kernel", "sm", "types", "constexprs", "warps", "smem L/G", "regs L/G", "stack L/G",
-              "spill st/ld launch", "general")
+              "spill st/ld launch", "general", "tensor cores")
     rows = [header]
     for variants in grouped.values():
         launch, general = variants.get("launch"), variants.get("general")
         first = launch or general
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
-                     pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general)))
+                     pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
+                     str(first.get("tensor_cores") or "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

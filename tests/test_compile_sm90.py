@@ -139,3 +139,20 @@ def test_shared_memory_fits_the_architecture(results):
     """A kernel asking for more shared memory than the GPU has fails at launch, not here."""
     too_big = [r for r in results if r["shared"] is not None and r["shared"] > MAX_SHARED[r["arch"]]]
     assert not too_big, "\n".join(f"{_describe(r)}: {r['shared']} bytes > {MAX_SHARED[r['arch']]}" for r in too_big)
+
+
+def test_attention_dots_use_the_tensor_cores_of_each_arch(results):
+    """tl.dot in the 16-bit attention kernels must become wgmma on sm_90 (what lets Triton
+    attention pass FA2-style mma.sync speed on Hopper) and mma.sync on sm_80; a layout
+    change that silently falls back to mma.sync (or to FMA) on Hopper fails here.
+    Head dim 256 (smallest tiles) and float32 are exempt."""
+    checked = 0
+    for r in results:
+        if r["variant"] != "launch" or r["kernel"] not in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+            continue
+        if r["constexprs"]["HEAD_DIM"] > 128 or "fp32,fp32" in r["types"] or r["types"].startswith("fp32"):
+            continue
+        expected = "wgmma" if r["arch"] >= 90 else "mma"
+        assert r["tensor_cores"] == expected, f"{_describe(r)}: tl.dot became {r['tensor_cores']}, not {expected}"
+        checked += 1
+    assert checked >= 2 * 3 * 7, checked  # 3 kernels, 7 bf16/fp16 cases with D <= 128, 2 archs
