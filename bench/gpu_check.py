@@ -175,7 +175,7 @@ def step_tests(out_dir: Path, timeout_s: float, on_gpu: bool) -> dict:
     # the GPU image) spreads Triton's JIT compiles over the cores.
     base = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=25", "-p", "no:cacheprovider"]
     if on_gpu and importlib.util.find_spec("xdist") is not None:
-        base += ["-n", "8"]
+        base += ["-n", "8", "--dist", "loadgroup"]  # tests/test_large.py's big tensors: one worker
     deadline = time.monotonic() + timeout_s
     parts, totals = [], dict.fromkeys(sorted(set(PYTEST_WORDS.values())), 0)
     for name, keyword in TEST_PARTS:

@@ -260,6 +260,7 @@ def test_many_rows_take_several_row_blocks(impl):
 
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
                     reason="needs a CUDA GPU with 40 GiB: caches past 2^31 elements")
+@pytest.mark.xdist_group("large_memory")  # 12 GB of cache: on test_large.py's worker (gpu_check's --dist loadgroup)
 @each_impl
 def test_cache_offsets_past_int32(impl):
     """The last batch of the caches starts past element 2^31 (B * Smax * Hkv * D > 2^31)."""

@@ -8,10 +8,15 @@ import torch
 import llama_fast
 from _helpers import BACKENDS, DEVICE, assert_close, f64
 
-pytestmark = pytest.mark.skipif(
-    DEVICE.type != "cuda" or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-    reason="needs a CUDA GPU with 40 GiB: tensors of more than 2^31 elements",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        DEVICE.type != "cuda" or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+        reason="needs a CUDA GPU with 40 GiB: tensors of more than 2^31 elements",
+    ),
+    # 8-16 GB each: under pytest-xdist (bench/gpu_check.py runs -n 8 --dist loadgroup) they
+    # all go to one worker, one at a time, instead of eight at once past the GPU's memory.
+    pytest.mark.xdist_group("large_memory"),
+]
 BIG = 2**31 + 4096 * 3  # elements; a multiple of 4096
 # Each compiled backend (the torch reference would need several copies of the tensors).
 each_kernel_backend = pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
