@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 import re
 import sys
@@ -190,7 +191,26 @@ def summary(report: dict) -> str:
             text += f" | fastest other {best['provider']} {best['ms']:.4g} ms: " + ", ".join(
                 f"{r['provider']} {best['ms'] / r['ms']:.2f}x" for r in ours)
         lines.append(f"{op} {pass_} {shape} {dtype}: {text}")
+    lines += cuda_against_triton(report["rows"])
     return "\n".join(lines) + "\n"
+
+
+def cuda_against_triton(rows: list[dict]) -> list[str]:
+    """Per op, the cases where both llama_fast backends were timed: how often cuda was the
+    faster and the geometric mean of triton ms / cuda ms (> 1: cuda faster). What decides
+    an op's entry in llama_fast.backends.AUTO_ORDER_CUDA, together with the cuda tests."""
+    times: dict = {}
+    for r in rows:
+        if r["provider"] in ("triton", "cuda") and r["ms"]:
+            times.setdefault(r["op"], {}).setdefault((r["pass"], r["shape"], r["dtype"]), {})[r["provider"]] = r["ms"]
+    lines = []
+    for op, cases in times.items():
+        ratios = [t["triton"] / t["cuda"] for t in cases.values() if len(t) == 2]
+        if ratios:
+            geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            lines.append(f"cuda vs triton, {op}: cuda faster in {sum(x > 1 for x in ratios)}/{len(ratios)} cases, "
+                         f"geomean {geomean:.2f}x")
+    return lines
 
 
 OPS_ORDER = [case["op"] for case in CASES] + ["attention", "decode", "train", "infer"]

@@ -243,3 +243,17 @@ def test_carried_wheels_are_installed_and_put_on_the_path(tmp_path, monkeypatch)
     assert sys.path[0] == str(site_dir) and os.environ["PYTHONPATH"] == str(site_dir)
     assert importlib.import_module("lf_carried_demo").VALUE == 42
     sys.modules.pop("lf_carried_demo", None)
+
+
+def test_summary_compares_cuda_with_triton_per_op():
+    sys.path.insert(0, str(REPO))
+    from bench.report import cuda_against_triton
+
+    def row(op, shape, provider, ms):
+        return {"op": op, "pass": "fwd", "shape": shape, "dtype": "bfloat16", "provider": provider, "ms": ms}
+
+    rows = [row("rms_norm", "a", "triton", 2.0), row("rms_norm", "a", "cuda", 1.0),
+            row("rms_norm", "b", "triton", 1.0), row("rms_norm", "b", "cuda", 2.0),
+            row("rms_norm", "c", "triton", 3.0), row("rms_norm", "c", "cuda", None),  # cuda unavailable: no pair
+            row("rope", "a", "triton", 1.0), row("rope", "a", "eager", 0.5)]
+    assert cuda_against_triton(rows) == ["cuda vs triton, rms_norm: cuda faster in 1/2 cases, geomean 1.00x"]
