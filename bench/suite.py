@@ -5,11 +5,12 @@
 
 Builds one job per (op, shape, dtype, pass, provider) of the chosen grid (bench/grid.py,
 bench/end_to_end.py), measures the ceilings first on a GPU (bench/timing.py), runs the
-jobs with a progress line each on stderr, and writes FILE (the JSON), FILE's .md (the
-tables, also printed at the end) and PNG plots beside it (bench/plots.py). --out may also
-name a folder: the files are then named as bench/gpu_check.py names them (gpu_check.json,
-gpu_check.md), one results-folder layout for both commands. Without --out: $OUT/bench.json,
-else bench/results/<gpu>-<date>/bench.json.
+jobs with a progress bar on stderr (a line per job where stderr is not a terminal), and
+writes FILE (the JSON), FILE's .md (the tables, also printed at the end) and PNG plots
+beside it (bench/plots.py). --out may also name a folder: the files are then named as
+bench/gpu_check.py names them (gpu_check.json, gpu_check.md), one results-folder layout
+for both commands. Without --out: $OUT/bench.json, else
+bench/results/<gpu>-<date>/bench.json.
 
 Ops: rms_norm, add_rms_norm, rope (apply_rope), swiglu, swiglu_fused, attention, decode,
 train, infer. --smoke: tiny shapes, bf16, no torch.compile, no ceilings: a CPU check of the
@@ -37,6 +38,7 @@ if not __package__:  # run as a script: sys.path[0] is bench/, not the repositor
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -349,12 +351,56 @@ def _rate(row: dict) -> str:
     return f"{row['ms']:.4g} ms {rate}".strip()
 
 
-def stderr_progress(start: float) -> Callable[[int, int, str], None]:
-    """The progress bar: one plain line per job on stderr, ``[ 12/80] rms_norm fwd ... triton``."""
-    def show(i: int, n: int, what: str) -> None:
-        width = len(str(n))
-        print(f"[{i:>{width}}/{n}] {what}  ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
-    return show
+class Progress:
+    """The progress display on ``stream`` (stderr). On a terminal, one bar redrawn in place,
+    ``[#########...............]  12/80  41 s  rms_norm fwd ... triton``, which the log lines
+    written through ``echo`` scroll above; elsewhere (a log file, CI) one plain line per
+    job, ``[ 12/80] rms_norm fwd ... triton  (41 s)``."""
+
+    WIDTH = 24
+
+    def __init__(self, start: float, stream=None):
+        self.start, self.stream = start, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = ""  # the bar of the current job on a terminal
+        self.drawn = False  # whether the bar is on the last line now
+
+    def __call__(self, i: int, n: int, what: str) -> None:
+        elapsed = time.monotonic() - self.start
+        if not self.tty:
+            print(f"[{i:>{len(str(n))}}/{n}] {what}  ({elapsed:.0f} s)", file=self.stream, flush=True)
+            return
+        filled = self.WIDTH * (i - 1) // n  # jobs done before this one
+        columns = shutil.get_terminal_size().columns
+        self.bar = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {i}/{n}  {elapsed:.0f} s  {what}"[:columns - 1]
+        self.stream.write(("\r\033[K" if self.drawn else "") + self.bar)
+        self.stream.flush()
+        self.drawn = True
+
+    @property
+    def echo(self):
+        """A stream for the log: its lines go above the bar."""
+        progress = self
+
+        class Above:
+            def write(self, text: str) -> None:
+                if progress.drawn:
+                    progress.stream.write("\r\033[K")
+                progress.stream.write(text)
+                progress.drawn = progress.tty and bool(progress.bar) and text.endswith("\n")
+                if progress.drawn:
+                    progress.stream.write(progress.bar)
+
+            def flush(self) -> None:
+                progress.stream.flush()
+
+        return Above()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.bar, self.drawn = "", False
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,7 +467,8 @@ def main(argv=None) -> int:
     report = new_report(device, resolve_commit(args.commit))
     folder, stem = output_paths(args.out, report["device"])
     folder.mkdir(parents=True, exist_ok=True)
-    log = Log(folder / f"{stem}.log", echo=sys.stderr)
+    progress = Progress(start)
+    log = Log(folder / f"{stem}.log", echo=progress.echo)
     log(f"bench: {report['device']}, torch {report['torch']}, triton {report['triton']}, grid {grid}, "
         f"ops {','.join(ops)}, dtypes {','.join(map(dtype_name, dtypes))}, out {folder / stem}.json")
 
@@ -447,7 +494,8 @@ def main(argv=None) -> int:
     bench_start = time.monotonic()
     deadline = start + args.budget_s if args.budget_s else float("inf")
     jobs = build_jobs(ops, grid, dtypes, device, cfg, report["ceilings"], info, log)
-    run_jobs(jobs, report, info, deadline, log, save, stderr_progress(start))
+    run_jobs(jobs, report, info, deadline, log, save, progress)
+    progress.close()
     info["seconds"] = round(time.monotonic() - bench_start, 1)
     table = save()
 

@@ -213,3 +213,35 @@ def test_liger_guard_restores_transformers_llama():
         ml.apply_rotary_pos_emb = lambda *a: None  # what Liger's patching does to the module
         ml.LlamaForCausalLM.forward = lambda self: None
     assert ml.apply_rotary_pos_emb is rope and ml.LlamaForCausalLM.forward is forward
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    import io
+    import time
+
+    from bench.suite import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = Progress(time.monotonic(), tty)
+    bar(1, 4, "rms_norm fwd a triton")
+    bar.echo.write("[  0.1s] a log line")
+    bar.echo.write("\n")
+    bar(3, 4, "rms_norm fwd b triton")
+    bar.close()
+    text = tty.getvalue()
+    assert text.startswith("[" + "." * 24 + "] 1/4")
+    # the log line clears the bar, then the bar comes back under it
+    assert "\r\x1b[K[  0.1s] a log line\n[" + "." * 24 + "] 1/4" in text
+    assert "[" + "#" * 12 + "." * 12 + "] 3/4" in text and text.endswith("triton\n")
+
+    plain = io.StringIO()
+    lines = Progress(time.monotonic(), plain)
+    lines(3, 12, "rope fwd c cuda")
+    lines.echo.write("log\n")
+    lines.close()
+    assert plain.getvalue().startswith("[ 3/12] rope fwd c cuda  (0 s)\nlog\n")
+    assert "\r" not in plain.getvalue()
