@@ -49,6 +49,8 @@ Modules (all under bench/)
 * rows.py             one measured row per case, shape, dtype, provider and pass
 * timing.py           timers, peak memory and the ceilings ("How things are timed" there)
 * report.py, plots.py the JSON, the markdown, the log and the PNGs
+* tune.py             not run here: launch configurations of the Triton attention kernels,
+                      tried one kernel at a time (``python -m bench.tune``)
 """
 from __future__ import annotations
 

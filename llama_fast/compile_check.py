@@ -175,10 +175,18 @@ def _compile_one(task: tuple) -> dict:
         "module": module, "config": index, "variant": variant, "kernel": fn.__name__, "arch": arch,
         "constexprs": dict(constexprs), "num_warps": options["num_warps"], "num_stages": options.get("num_stages"),
         "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
-        "launch_hints": dict(hints), "specialized": None,
-        "shared": None, "registers": "?", "stack": "?", "spill_stores": "?", "spill_loads": "?",
-        "compile_s": None, "tensor_cores": None, "error": None,
+        "launch_hints": dict(hints),
     }
+    return dict(result, **compile_config(fn, signature, constexprs, options, hints, arch, variant))
+
+
+def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: dict, arch: int,
+                   variant: str = "launch") -> dict:
+    """Compile one configuration for ``arch`` (in a process set up by ``_worker_init``, or
+    inside ``fresh_compiles()``): what was specialised, shared memory, registers, stack,
+    spills, tensor-core instructions, compile time, and the error if it failed."""
+    result = {"specialized": None, "shared": None, "registers": "?", "stack": "?", "spill_stores": "?",
+              "spill_loads": "?", "compile_s": None, "tensor_cores": None, "error": None}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -203,17 +211,37 @@ def _compile_one(task: tuple) -> dict:
         result["compile_s"] = round(time.perf_counter() - start, 3)
         result["shared"] = int(compiled.metadata.shared)
         result.update(_cuobjdump_usage(compiled.asm["cubin"]))
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log.getvalue())
+        if spills:
+            result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
         # Which tensor-core instructions tl.dot became: Hopper's asynchronous warpgroup MMA
         # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync.
         ptx = compiled.asm["ptx"]
         result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log.getvalue())
-        if spills:
-            result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
         # Triton's CompilationError message already points at the kernel source line.
         result["error"] = "".join(traceback.format_exception_only(e)).strip()
     return result
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+    """``_worker_init``'s settings for this process, for as long as the block runs."""
+    from triton import knobs
+
+    if knobs.runtime.interpret:
+        raise InterpreterEnabledError("TRITON_INTERPRET is set: the interpreter replaces the compiler")
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_ALWAYS_COMPILE", "TRITON_DUMP_PTXAS_LOG")}
+    with tempfile.TemporaryDirectory(prefix="llama_fast_compile_check_") as cache_dir:
+        _worker_init(cache_dir)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False) -> list[tuple]:

@@ -1,0 +1,67 @@
+"""``python -m bench.tune``: the attention configuration candidates compute what the
+current configurations compute (the interpreter, tiny shapes), compile for Hopper, and a
+wrong or non-finite result is caught, never timed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the bench/ package of this checkout
+
+from bench import tune  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU `python -m bench.tune` itself is the check: compiling "
+                    "every candidate here would spend minutes of the GPU test run")
+def test_every_candidate_matches_the_current_configuration(tmp_path):
+    out = tmp_path / "tune.json"
+    assert tune.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["role"], r["head_dim"]) for r in rows} == set(tune.CANDIDATES)
+    assert sum(r["current"] for r in rows) == len(tune.CANDIDATES)  # one baseline per kernel and head dim
+    assert len(rows) == len(tune.CANDIDATES) + sum(len(c) for c in tune.CANDIDATES.values())
+    assert [r for r in rows if r["error"]] == []
+    assert "matches the current configuration" in out.with_suffix(".md").read_text()
+
+
+def test_override_changes_one_kernel_and_restores():
+    fa = tune._flash_attn_module()
+    before = (fa.forward_config(128), fa.backward_configs(128))
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 1}
+    with tune.override("dq", cfg):
+        assert fa.backward_configs(128) == (before[1][0], cfg)
+        assert fa.forward_config(128) == before[0]
+        assert fa.backward_configs(128, torch.float32) != (before[1][0], cfg)  # float32 keeps its own
+    assert (fa.forward_config(128), fa.backward_configs(128)) == before
+
+
+def test_a_wrong_or_non_finite_result_is_a_mismatch():
+    want = [torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4)]
+    assert tune._mismatch([w.clone() for w in want], want) is None
+    off = [want[0], want[1] * 1.1, want[2]]
+    assert "dk: max error" in tune._mismatch(off, want)
+    nan = [want[0].clone(), want[1], want[2]]
+    nan[0][1, 2] = float("nan")
+    assert tune._mismatch(nan, want) == "out/dq: not finite"
+
+
+def test_compile_only_reports_the_candidates_for_hopper(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "c.json"
+    done = subprocess.run([sys.executable, "-m", "bench.tune", "--compile-only", "90", "--roles", "dq",
+                           "--head-dims", "64", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 + len(tune.CANDIDATES[("dq", 64)])
+    for r in rows:
+        assert r["error"] is None and r["tensor_cores"] == "wgmma", r
+        assert r["shared"] <= 227 * 1024 and isinstance(r["registers"], int)
