@@ -175,24 +175,31 @@ def summary(report: dict) -> str:
     for key in ("errors", "skipped"):
         if bench.get(key):
             lines.append(f"{key}: {len(bench[key])} (first: {bench[key][0]})")
-    cases: dict = {}
-    for r in report["rows"]:
-        cases.setdefault((r["op"], r["pass"], r["shape"], r["dtype"]), []).append(r)
-    for (op, pass_, shape, dtype), rows in cases.items():
-        timed = [r for r in rows if r["ms"]]
-        ours = [r for r in timed if r["provider"] in OURS]
-        others = sorted((r for r in timed if r["provider"] not in OURS), key=lambda r: r["ms"])
-        if not ours:
-            continue
+    for (op, pass_, shape, dtype), ours, best in compare_cases(report["rows"]):
         text = " · ".join(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({100 * r['fraction_of_ceiling']:.0f}%)"
                           if r["fraction_of_ceiling"] is not None else "") for r in ours)
-        if others:
-            best = others[0]
+        if best:
             text += f" | fastest other {best['provider']} {best['ms']:.4g} ms: " + ", ".join(
                 f"{r['provider']} {best['ms'] / r['ms']:.2f}x" for r in ours)
         lines.append(f"{op} {pass_} {shape} {dtype}: {text}")
     lines += cuda_against_triton(report["rows"])
     return "\n".join(lines) + "\n"
+
+
+def compare_cases(rows: list[dict]) -> list[tuple[tuple, list[dict], dict | None]]:
+    """Per measured case (op, pass, shape, dtype) with a timed llama_fast row: (the case,
+    llama_fast's timed rows, the fastest other provider's row or None)."""
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["pass"], r["shape"], r["dtype"]), []).append(r)
+    compared = []
+    for case, case_rows in cases.items():
+        timed = [r for r in case_rows if r["ms"]]
+        ours = [r for r in timed if r["provider"] in OURS]
+        others = sorted((r for r in timed if r["provider"] not in OURS), key=lambda r: r["ms"])
+        if ours:
+            compared.append((case, ours, others[0] if others else None))
+    return compared
 
 
 def cuda_against_triton(rows: list[dict]) -> list[str]:

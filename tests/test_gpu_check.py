@@ -257,3 +257,42 @@ def test_summary_compares_cuda_with_triton_per_op():
             row("rms_norm", "c", "triton", 3.0), row("rms_norm", "c", "cuda", None),  # cuda unavailable: no pair
             row("rope", "a", "triton", 1.0), row("rope", "a", "eager", 0.5)]
     assert cuda_against_triton(rows) == ["cuda vs triton, rms_norm: cuda faster in 1/2 cases, geomean 1.00x"]
+
+
+def test_readme_section_is_written_from_a_results_json(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from bench import readme
+
+    folder = tmp_path / "bench" / "results" / "nvidia-h100-80gb-hbm3-2026-12-01"
+    folder.mkdir(parents=True)
+    row = {"op": "rms_norm", "pass": "fwd", "shape": "x(8192,4096)", "dtype": "bfloat16", "gbps": None, "tflops": None,
+           "peak_mem_mb": None}
+    report = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "commit": "abc123def4567",
+              "ceilings": {"copy_gbps": 3000.0, "bf16_tflops": 780.0},
+              "rows": [dict(row, provider="triton", ms=0.05, fraction_of_ceiling=0.9),
+                       dict(row, provider="cuda", ms=0.04, fraction_of_ceiling=0.95),
+                       dict(row, provider="liger", ms=0.06, fraction_of_ceiling=0.8),
+                       dict(row, provider="eager", ms=None, fraction_of_ceiling=None)]}
+    (folder / "gpu_check.json").write_text(json.dumps(report))
+    (folder / "gpu_check-rms_norm-bfloat16.png").write_bytes(b"png")
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# x\n\n{readme.START}\nold text\n{readme.END}\n\nafter\n")
+    assert readme.main([str(folder), "--readme", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old text" not in text and text.endswith(f"{readme.END}\n\nafter\n")
+    assert "**NVIDIA H100 80GB HBM3**" in text and "`abc123def456`" in text and "copy 3000 GB/s" in text
+    assert "| rms_norm | fwd | x(8192,4096) | bfloat16 | cuda | 0.0400 | 95% | liger | 0.0600 | 1.50x |" in text
+    assert "![gpu_check-rms_norm-bfloat16](bench/results/nvidia-h100-80gb-hbm3-2026-12-01/gpu_check-rms_norm-bfloat16.png)" in text
+    assert readme.newest_results(tmp_path / "bench" / "results") == folder / "gpu_check.json"
+
+    report["device"] = "cpu (x86_64)"
+    (folder / "gpu_check.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="not measured on a GPU"):
+        readme.main([str(folder), "--readme", str(doc)])
+
+
+def test_the_readme_has_the_results_markers():
+    from bench import readme
+
+    text = (REPO / "README.md").read_text()
+    assert text.count(readme.START) == 1 and text.count(readme.END) == 1
