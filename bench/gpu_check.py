@@ -13,7 +13,8 @@ and the exit status is 1 if anything failed:
               --no-deps --target /tmp/site .whl/*.whl``; /tmp/site then goes on sys.path
               and PYTHONPATH for the later steps
 1. install    ``python -m pip install --no-build-isolation --no-deps -e .`` (which builds the
-              CUDA extension from csrc/ where nvcc is present) -> install.log
+              CUDA extension from csrc/ where nvcc is present) -> install.log; the build's
+              ptxas report -> _C.ptxas.txt, its most registers and spill bytes recorded
 2. tests      ``python -m pytest tests -q`` on the GPU (no TRITON_INTERPRET), in two
               parts: ``-k cuda`` first (the cuda backend), then ``-k "not cuda"``; killed
               after --tests-timeout seconds in all -> tests-cuda.log, tests-rest.log;
@@ -135,10 +136,25 @@ def step_wheels(out_dir: Path, timeout_s: float) -> dict:
 def step_install(out_dir: Path, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     code, timed_out = run_logged(cmd, out_dir / "install.log", timeout_s)
+    result = {"status": "ok" if code == 0 else ("timeout" if timed_out else "failed"), "returncode": code,
+              "log": "install.log"}
     if code == 0:
         _activate_editable_install()
-    return {"status": "ok" if code == 0 else ("timeout" if timed_out else "failed"), "returncode": code,
-            "log": "install.log"}
+        result.update(ptxas_summary(REPO / "llama_fast" / "_C.ptxas.txt", out_dir))
+    return result
+
+
+def ptxas_summary(report: Path, out_dir: Path) -> dict:
+    """The CUDA build's ptxas report (this image's nvcc), copied to out_dir: its first line
+    (build tool, nvcc, archs), the most registers of any kernel and the total spill bytes."""
+    if not report.is_file():
+        return {"cuda_build": None}
+    text = report.read_text()
+    (out_dir / report.name).write_text(text)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
+    return {"cuda_build": text.splitlines()[0] if text else None, "cuda_max_registers": max(registers, default=None),
+            "cuda_spill_bytes": spills, "ptxas_report": report.name}
 
 
 PYTEST_WORDS = {"passed": "passed", "failed": "failed", "error": "errors", "errors": "errors",

@@ -296,3 +296,19 @@ def test_the_readme_has_the_results_markers():
 
     text = (REPO / "README.md").read_text()
     assert text.count(readme.START) == 1 and text.count(readme.END) == 1
+
+
+def test_install_step_keeps_the_ptxas_report(tmp_path):
+    script = _load_script()
+    report = tmp_path / "_C.ptxas.txt"
+    assert script.ptxas_summary(report, tmp_path / "out") == {"cuda_build": None}
+    report.write_text("# llama_fast._C built by ninja 1.11, nvcc 13.0, archs 80;90\n# rope.cu\n"
+                      "ptxas info    : Function properties for k1\n    0 bytes stack frame, 8 bytes spill stores, 4 bytes "
+                      "spill loads\nptxas info    : Used 96 registers\n"
+                      "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 255 registers\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    got = script.ptxas_summary(report, out)
+    assert got == {"cuda_build": "# llama_fast._C built by ninja 1.11, nvcc 13.0, archs 80;90", "cuda_max_registers": 255,
+                   "cuda_spill_bytes": 12, "ptxas_report": "_C.ptxas.txt"}
+    assert (out / "_C.ptxas.txt").read_text() == report.read_text()
