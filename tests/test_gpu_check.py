@@ -181,7 +181,7 @@ def test_tests_step_runs_the_cuda_part_first_and_sums_the_parts(tmp_path, monkey
 
     monkeypatch.setattr(script, "run_logged", fake_run)
     result = script.step_tests(tmp_path, 100.0, on_gpu=False)
-    assert [keyword for keyword, _ in calls] == ["cuda", "not cuda"]
+    assert [keyword for keyword, _ in calls] == ["cuda and not emulator", "not cuda"]
     assert calls[1][1] <= calls[0][1] <= 100.0  # one deadline shared by the parts
     assert [p["status"] for p in result["parts"]] == ["failed", "timeout"]
     assert result["status"] == "failed"
