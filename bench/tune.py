@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """Try launch configurations of the Triton attention kernels: ``python -m bench.tune``.
 
-    python -m bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq] [--seqlen 4096]
-                         [--out FILE.json] [--budget-s S] [--compile-only ARCH] [--smoke]
+    python -m bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq,decode] [--seqlen 4096]
+                         [--decode-context 8192] [--out FILE.json] [--budget-s S]
+                         [--compile-only ARCH] [--smoke]
 
 The block sizes, warps and stages of ``kernels/flash_attn.py`` (``forward_config``,
-``backward_configs``) were chosen without a GPU. This tool puts each candidate of
-``CANDIDATES`` in place of the current configuration of one kernel (``fwd``: the forward,
-``dkdv`` and ``dq``: the two backward kernels), runs bf16 causal attention at a Llama-3
-training shape (batch 2 x 4096 tokens, 32 query / 8 key-value heads: GQA as in 8B), checks
-the result against the current configuration's (a candidate that computes something else
-is reported, never timed) and times it (CUDA events, median; the forward for ``fwd``, the
-whole backward for ``dkdv`` and ``dq``). It prints one table per (kernel, head dim) with
-each candidate's time against the current one's and writes them as JSON; changing
-``forward_config``/``backward_configs`` to a winner is a decision for whoever reads them.
+``backward_configs``) and of ``kernels/flash_decode.py`` (``launch_config``) were chosen
+without a GPU. This tool puts each candidate of ``CANDIDATES`` in place of the current
+configuration of one kernel (``fwd``: the forward; ``dkdv`` and ``dq``: the two backward
+kernels; ``decode``: flash_decode's split kernel), runs it in bf16 at a Llama-3 shape
+(attention: causal, batch 2 x 4096 tokens, 32 query / 8 key-value heads, as 8B; decode:
+batch 8, one new token over 8192 cached, 32/8 heads), checks the result against the
+current configuration's (a candidate that computes something else is reported, never
+timed) and times it (CUDA events, median; the forward for ``fwd``, the whole backward for
+``dkdv`` and ``dq``, one decode step for ``decode``). It prints one table with each
+candidate's time against the current one's and writes it as JSON; changing the
+configuration functions to a winner is a decision for whoever reads it.
 
 --compile-only 90 (or 80) needs no GPU: it compiles every candidate for that architecture
 (as llama_fast.compile_check does) and reports shared memory, registers and spills, so
@@ -46,13 +49,18 @@ CANDIDATE_TABLE: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("dkdv", 128): [(16, 64, 8, 2), (32, 64, 8, 1), (16, 128, 8, 2), (32, 32, 4, 2), (32, 128, 8, 2)],
     ("dq", 64): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
     ("dq", 128): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    # flash_decode's split kernel; BLOCK_M stays the launcher's (16 rows: GQA 4 x 1 token)
+    ("decode", 64): [(16, 64, 4, 2), (16, 256, 4, 2), (16, 128, 4, 3), (16, 128, 8, 2)],
+    ("decode", 128): [(16, 32, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 2)],
 }
 CANDIDATES: dict[tuple[str, int], list[dict]] = {
     key: [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in table]
     for key, table in CANDIDATE_TABLE.items()
 }
-ROLES = ("fwd", "dkdv", "dq")
-KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
+ROLES = ("fwd", "dkdv", "dq", "decode")
+KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel",
+           "decode": "_flash_decode_split_kernel"}
+DECODE_GROUP = 4  # query heads per KV head in the decode runs (Llama-3 8B: 32 / 8)
 
 
 def _flash_attn_module():
@@ -61,8 +69,17 @@ def _flash_attn_module():
     return flash_attn
 
 
+def _flash_decode_module():
+    from llama_fast.kernels import flash_decode
+
+    return flash_decode
+
+
 def current_config(role: str, head_dim: int) -> dict:
     fa = _flash_attn_module()
+    if role == "decode":
+        cfg = _flash_decode_module().launch_config(DECODE_GROUP, 1, head_dim)
+        return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     if role == "fwd":
         return fa.forward_config(head_dim, torch.bfloat16)
     dkdv, dq = fa.backward_configs(head_dim, torch.bfloat16)
@@ -72,9 +89,10 @@ def current_config(role: str, head_dim: int) -> dict:
 @contextlib.contextmanager
 def override(role: str, cfg: dict):
     """The launchers use ``cfg`` for kernel ``role`` (they look the config functions up at
-    every call); the other kernels keep theirs."""
-    fa = _flash_attn_module()
-    saved = fa.forward_config, fa.backward_configs
+    every call); the other kernels keep theirs. decode: the split kernel's BLOCK_N, warps
+    and stages, for the row tile of ``cfg["BLOCK_M"]`` rows only."""
+    fa, fd = _flash_attn_module(), _flash_decode_module()
+    saved = fa.forward_config, fa.backward_configs, fd.launch_config
 
     def forward_config(head_dim, dtype=torch.bfloat16):
         return dict(cfg) if role == "fwd" and dtype != torch.float32 else saved[0](head_dim, dtype)
@@ -85,11 +103,17 @@ def override(role: str, cfg: dict):
             return dkdv, dq
         return (dict(cfg), dq) if role == "dkdv" else (dkdv, dict(cfg)) if role == "dq" else (dkdv, dq)
 
-    fa.forward_config, fa.backward_configs = forward_config, backward_configs
+    def launch_config(group, q_len, head_dim):
+        current = saved[2](group, q_len, head_dim)
+        if role != "decode" or current["BLOCK_M"] != cfg["BLOCK_M"]:
+            return current
+        return dict(current, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    fa.forward_config, fa.backward_configs, fd.launch_config = forward_config, backward_configs, launch_config
     try:
         yield
     finally:
-        fa.forward_config, fa.backward_configs = saved
+        fa.forward_config, fa.backward_configs, fd.launch_config = saved
 
 
 def _label(cfg: dict) -> str:
@@ -100,33 +124,43 @@ def _label(cfg: dict) -> str:
 # on a GPU (or the interpreter): correctness against the current configuration, then time
 
 
-def _inputs(batch, seqlen, q_heads, kv_heads, head_dim, device):
+def _inputs(role, head_dim, shapes, device) -> dict:
+    """Random bf16 inputs of the role's shape: shapes["train"] = (batch, tokens, q heads,
+    kv heads) for fwd/dkdv/dq, shapes["decode"] = (batch, cached tokens, q heads, kv heads)."""
+    kind = "decode" if role == "decode" else "train"
+    batch, seqlen, q_heads, kv_heads = shapes[kind]
     g = torch.Generator(device="cpu").manual_seed(head_dim * 1000 + seqlen)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
 
-    q, k, v = randn(batch, seqlen, q_heads, head_dim), randn(batch, seqlen, kv_heads, head_dim), \
-        randn(batch, seqlen, kv_heads, head_dim)
-    return q, k, v, randn(batch, seqlen, q_heads, head_dim)
+    if kind == "decode":
+        return {"q": randn(batch, 1, q_heads, head_dim), "k": randn(batch, seqlen, kv_heads, head_dim),
+                "v": randn(batch, seqlen, kv_heads, head_dim),
+                "seqlens": torch.full((batch,), seqlen, dtype=torch.int32, device=device)}
+    return {"q": randn(batch, seqlen, q_heads, head_dim), "k": randn(batch, seqlen, kv_heads, head_dim),
+            "v": randn(batch, seqlen, kv_heads, head_dim), "do": randn(batch, seqlen, q_heads, head_dim)}
 
 
-def _run(role, q, k, v, do):
-    """The pass ``role`` is timed by: (callable, what it returns to compare)."""
+def _run(role, x: dict):
+    """The call ``role`` is timed by, returning what is compared: the forward (fwd), the
+    whole backward (dkdv, dq: dq, dk, dv) or one decode step (decode)."""
     import llama_fast
 
-    if role == "fwd":
+    if role in ("fwd", "decode"):
         def call():
             with torch.no_grad(), llama_fast.backend("triton"):
-                return (llama_fast.flash_attn(q, k, v, causal=True),)
+                if role == "fwd":
+                    return (llama_fast.flash_attn(x["q"], x["k"], x["v"], causal=True),)
+                return (llama_fast.flash_decode(x["q"], x["k"], x["v"], x["seqlens"]),)
         return call
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    qg, kg, vg = (x[name].detach().requires_grad_() for name in "qkv")
     with llama_fast.backend("triton"):
         out = llama_fast.flash_attn(qg, kg, vg, causal=True)
 
     def call():
         with llama_fast.backend("triton"):
-            return torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
+            return torch.autograd.grad(out, (qg, kg, vg), x["do"], retain_graph=True)
     return call
 
 
@@ -140,15 +174,15 @@ def _mismatch(got, want) -> str | None:
     return None
 
 
-def tune(head_dims, roles, shape, device, warmup, reps, deadline, log) -> list[dict]:
+def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[dict]:
     from bench.timing import time_ms
 
     results = []
     for head_dim in head_dims:
-        q, k, v, do = _inputs(*shape, head_dim, device)
         for role in roles:
+            x = _inputs(role, head_dim, shapes, device)
             baseline = current_config(role, head_dim)
-            want = _run(role, q, k, v, do)()
+            want = _run(role, x)()
             for cfg in [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]:
                 row = {"role": role, "head_dim": head_dim, "config": cfg, "label": _label(cfg),
                        "current": cfg == baseline, "ms": None, "vs_current": None, "error": None}
@@ -158,7 +192,7 @@ def tune(head_dims, roles, shape, device, warmup, reps, deadline, log) -> list[d
                     continue
                 try:
                     with override(role, cfg):
-                        call = _run(role, q, k, v, do)
+                        call = _run(role, x)
                         row["error"] = _mismatch(call(), want)
                         if row["error"] is None and device.type == "cuda":
                             row["ms"] = time_ms([call], device, warmup, reps)
@@ -177,34 +211,39 @@ def tune(head_dims, roles, shape, device, warmup, reps, deadline, log) -> list[d
 
 
 def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
-    """Each candidate compiled as llama_fast.compile_check compiles a launch (bf16, causal,
-    fixed length); shared memory, registers and spills per candidate."""
+    """Each candidate compiled as llama_fast.compile_check compiles a launch (bf16; causal
+    fixed-length attention; decode with splits); shared memory, registers and spills."""
     import llama_fast.compile_check as cc
 
-    fa = _flash_attn_module()
     rows = []
     with cc.fresh_compiles():
-        _compile_each(cc, fa, arch, head_dims, roles, rows, log)
+        for head_dim in head_dims:
+            for role in roles:
+                baseline = current_config(role, head_dim)
+                for cfg in [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]:
+                    with override(role, cfg):
+                        r = cc.compile_config(*_launch_config(cc, role, head_dim), arch)
+                    rows.append(dict(role=role, head_dim=head_dim, config=cfg, label=_label(cfg),
+                                     current=cfg == baseline, **{k: r[k] for k in (
+                                         "shared", "registers", "spill_stores", "spill_loads", "tensor_cores", "error")}))
+                    log(f"{role} D={head_dim} {rows[-1]['label']}: " + (r["error"] or (
+                        f"smem {r['shared']} regs {r['registers']} spills {r['spill_stores']}/{r['spill_loads']} "
+                        f"{r['tensor_cores']}")))
     return rows
 
 
-def _compile_each(cc, fa, arch, head_dims, roles, rows, log) -> None:
-    for head_dim in head_dims:
-        for role in roles:
-            baseline = current_config(role, head_dim)
-            for cfg in [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]:
-                with override(role, cfg):
-                    configs = [cc.unpack_config(c) for c in fa.compile_configs()]
-                fn, signature, constexprs, options, hints = next(
-                    c for c in configs if c[0].__name__ == KERNELS[role] and c[2]["HEAD_DIM"] == head_dim
-                    and c[2].get("CAUSAL") and not c[2]["IS_VARLEN"] and c[1]["Q"] == "*bf16")
-                r = cc.compile_config(fn, signature, constexprs, options, hints, arch)
-                rows.append(dict(role=role, head_dim=head_dim, config=cfg, label=_label(cfg), current=cfg == baseline,
-                                 **{k: r[k] for k in ("shared", "registers", "spill_stores", "spill_loads",
-                                                      "tensor_cores", "error")}))
-                log(f"{role} D={head_dim} {rows[-1]['label']}: " + (r["error"] or (
-                    f"smem {r['shared']} regs {r['registers']} spills {r['spill_stores']}/{r['spill_loads']} "
-                    f"{r['tensor_cores']}")))
+def _launch_config(cc, role: str, head_dim: int) -> tuple:
+    """(fn, signature, constexprs, options, hints) of the role's kernel as the module's
+    compile_configs() lists it now (under override: with the candidate)."""
+    module = _flash_decode_module() if role == "decode" else _flash_attn_module()
+    for fn, signature, constexprs, options, hints in map(cc.unpack_config, module.compile_configs()):
+        if fn.__name__ != KERNELS[role] or constexprs["HEAD_DIM"] != head_dim or signature["Q"] != "*bf16":
+            continue
+        if role == "decode" and constexprs["BLOCK_M"] == 16 and not constexprs["WRITE_OUT"]:
+            return fn, signature, constexprs, options, hints
+        if role != "decode" and constexprs["CAUSAL"] and not constexprs["IS_VARLEN"]:
+            return fn, signature, constexprs, options, hints
+    raise LookupError(f"no bf16 configuration of {KERNELS[role]} at head dim {head_dim} in compile_configs()")
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,7 +278,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--roles", default=",".join(ROLES))
-    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--seqlen", type=int, default=4096, help="tokens of the training-shape runs")
+    p.add_argument("--decode-context", type=int, default=8192, help="cached tokens of the decode runs")
     p.add_argument("--out", type=Path, help="JSON file; the markdown beside it (.md)")
     p.add_argument("--budget-s", type=float, default=240.0, help="candidates left when it runs out are skipped")
     p.add_argument("--compile-only", type=int, metavar="ARCH", help="compile for this arch (80, 90); no GPU needed")
@@ -261,12 +301,18 @@ def main(argv=None) -> int:
         failed = any(r["error"] for r in rows)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # smoke: past two 128-row blocks and a partial one, so full and masked blocks both run
-        shape = (1, 272, 2, 1) if args.smoke else (2, args.seqlen, 32, 8)
-        rows = tune(head_dims, roles, shape, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log)
+        # smoke: past two 128-row blocks and a partial one, so full and masked blocks both
+        # run; decode over a few key blocks of every candidate's BLOCK_N, with GQA 4
+        if args.smoke:
+            shapes = {"train": (1, 272, 2, 1), "decode": (2, 300, DECODE_GROUP, 1)}
+        else:
+            shapes = {"train": (2, args.seqlen, 32, 8), "decode": (8, args.decode_context, 32, 8)}
+        rows = tune(head_dims, roles, shapes, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        header = (f"# Attention candidates on {name} (bf16, causal, batch {shape[0]}, {shape[1]} tokens, "
-                  f"{shape[2]}/{shape[3]} heads; torch {torch.__version__})")
+        train, dec = shapes["train"], shapes["decode"]
+        header = (f"# Attention candidates on {name} (bf16; fwd/dkdv/dq: causal, batch {train[0]} x {train[1]} tokens, "
+                  f"{train[2]}/{train[3]} heads; decode: batch {dec[0]} x 1 token over {dec[1]} cached, {dec[2]}/{dec[3]} "
+                  f"heads; torch {torch.__version__})")
         failed = any(r["error"] and not r["error"].startswith("skipped") and "OutOfResources" not in r["error"]
                      for r in rows)
     text = markdown(rows, header)

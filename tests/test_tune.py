@@ -42,6 +42,18 @@ def test_override_changes_one_kernel_and_restores():
         assert fa.backward_configs(128, torch.float32) != (before[1][0], cfg)  # float32 keeps its own
     assert (fa.forward_config(128), fa.backward_configs(128)) == before
 
+    fd = tune._flash_decode_module()
+    current = fd.launch_config(tune.DECODE_GROUP, 1, 128)
+    wide = fd.launch_config(16, 4, 128)  # 64 rows: another row tile, not the candidate's
+    cfg = {"BLOCK_M": current["BLOCK_M"], "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}
+    with tune.override("decode", cfg):
+        got = fd.launch_config(tune.DECODE_GROUP, 1, 128)
+        assert (got["BLOCK_N"], got["num_warps"], got["num_stages"]) == (16, 2, 1)
+        assert got["BLOCK_M"] == current["BLOCK_M"] and got["BLOCK_D"] == current["BLOCK_D"]
+        assert fd.launch_config(16, 4, 128) == wide
+        assert fa.forward_config(128) == before[0]
+    assert fd.launch_config(tune.DECODE_GROUP, 1, 128) == current
+
 
 def test_a_wrong_or_non_finite_result_is_a_mismatch():
     want = [torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4)]
