@@ -64,6 +64,23 @@ def device_guard(device: torch.device):
 
 
 @triton.jit
+def load_rows(base, start, row_stride, local, offs_d, d_ok, row_ok, TRANSPOSED: tl.constexpr, MASKED: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    """Rows ``start + local`` of a (rows, head dim) tensor at ``base`` with unit stride along
+    the head dim, as a (rows, BLOCK_D) tile or, TRANSPOSED, as (BLOCK_D, rows); ``d_ok`` and
+    ``row_ok`` are the 1-D masks of the head dims and of the rows (see load_tile). The
+    block's start offset is 64-bit; offsets inside the block stay 32-bit."""
+    base = base + tl.cast(start, tl.int64) * row_stride
+    if TRANSPOSED:
+        tile = load_tile(base + (local[None, :] * row_stride + offs_d[:, None]), d_ok[:, None], row_ok[None, :],
+                         MASKED, EVEN_D)
+    else:
+        tile = load_tile(base + (local[:, None] * row_stride + offs_d[None, :]), d_ok[None, :], row_ok[:, None],
+                         MASKED, EVEN_D)
+    return tile
+
+
+@triton.jit
 def load_tile(ptrs, d_ok, in_range, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     """A tile of rows x head dims (either way round) of the attention kernels' inner loops.
     ``d_ok`` (the head dims below HEAD_DIM) and ``in_range`` (the rows before the end of the

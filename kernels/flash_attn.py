@@ -39,7 +39,7 @@ import triton.language as tl
 from llama_fast import _alloc
 from llama_fast.backends import triton_interpreter_on
 
-from ._common import device_guard, load_tile, next_pow2
+from ._common import device_guard, load_rows, next_pow2
 
 LOG2E = math.log2(math.e)
 
@@ -102,11 +102,9 @@ def _fwd_inner(
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + local_n
-        kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
-        v_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[:, None] * stride_vn + offs_d[None, :])
         key_ok = offs_n < k_len
-        kt = load_tile(kt_ptrs, d_ok[:, None], key_ok[None, :], MASKED, HEAD_DIM == BLOCK_D)
-        v = load_tile(v_ptrs, d_ok[None, :], key_ok[:, None], MASKED, HEAD_DIM == BLOCK_D)
+        kt = load_rows(K, start_n, stride_kn, local_n, offs_d, d_ok, key_ok, True, MASKED, HEAD_DIM == BLOCK_D)
+        v = load_rows(V, start_n, stride_vn, local_n, offs_d, d_ok, key_ok, False, MASKED, HEAD_DIM == BLOCK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -225,11 +223,9 @@ def _bwd_dkdv_inner(
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + local_m
-        qt_ptrs = Q + tl.cast(start_m, tl.int64) * stride_qs + (local_m[None, :] * stride_qs + offs_d[:, None])
-        do_ptrs = DO + tl.cast(start_m, tl.int64) * stride_dos + (local_m[:, None] * stride_dos + offs_d[None, :])
         query_ok = offs_m < q_len
-        qt = load_tile(qt_ptrs, d_ok[:, None], query_ok[None, :], MASKED, HEAD_DIM == BLOCK_D)
-        do = load_tile(do_ptrs, d_ok[None, :], query_ok[:, None], MASKED, HEAD_DIM == BLOCK_D)
+        qt = load_rows(Q, start_m, stride_qs, local_m, offs_d, d_ok, query_ok, True, MASKED, HEAD_DIM == BLOCK_D)
+        do = load_rows(DO, start_m, stride_dos, local_m, offs_d, d_ok, query_ok, False, MASKED, HEAD_DIM == BLOCK_D)
         lse, delta = _load_row_stats(LSE, DELTA, offs_m, q_len)
         if UPCAST:
             qt = qt.to(tl.float32)
@@ -319,11 +315,9 @@ def _bwd_dq_inner(
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + local_n
-        kt_ptrs = K + tl.cast(start_n, tl.int64) * stride_kn + (local_n[None, :] * stride_kn + offs_d[:, None])
-        vt_ptrs = V + tl.cast(start_n, tl.int64) * stride_vn + (local_n[None, :] * stride_vn + offs_d[:, None])
-        key_ok = (offs_n < k_len)[None, :]
-        kt = load_tile(kt_ptrs, d_ok[:, None], key_ok, MASKED, HEAD_DIM == BLOCK_D)
-        vt = load_tile(vt_ptrs, d_ok[:, None], key_ok, MASKED, HEAD_DIM == BLOCK_D)
+        key_ok = offs_n < k_len
+        kt = load_rows(K, start_n, stride_kn, local_n, offs_d, d_ok, key_ok, True, MASKED, HEAD_DIM == BLOCK_D)
+        vt = load_rows(V, start_n, stride_vn, local_n, offs_d, d_ok, key_ok, True, MASKED, HEAD_DIM == BLOCK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
