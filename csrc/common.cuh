@@ -55,25 +55,47 @@ inline void end_launch(const char* kernel) { check_cuda(cudaGetLastError(), kern
 
 inline cudaStream_t stream_of(const Launch& at) { return static_cast<cudaStream_t>(at.stream); }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (past the default 48 KB), raising its
-// limit once per device (the attribute belongs to the device's context): `done` is one
-// static per kernel instantiation, a bit per device, so launches after the first make no
-// driver call. A plain host call, so it is safe during CUDA-graph capture.
+// The device's opt-in limit of shared memory per block (static + dynamic), read once per
+// device.
+inline int shared_memory_optin(int device, const char* name) {
+  static std::atomic<int> limits[64];  // 0: not read yet
+  int limit = device >= 0 && device < 64 ? limits[device].load(std::memory_order_relaxed) : 0;
+  if (limit == 0) {
+    check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), name,
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    if (device >= 0 && device < 64) limits[device].store(limit, std::memory_order_relaxed);
+  }
+  return limit;
+}
+
+// How far a kernel's dynamic shared memory limit has been raised on each device (the
+// attribute belongs to the device's context): one static per kernel instantiation.
+struct SharedRaised {
+  std::atomic<int> bytes[64];
+};
+
+// Lets `kernel` (with `static_bytes` of static shared memory) launch with `bytes` of dynamic
+// shared memory past the default 48 KB in all, raising its limit only when this device's
+// limit is still below `bytes`, so that later launches make no driver call. A plain host
+// call, so it is safe during CUDA-graph capture.
 template <typename Kernel>
-void allow_dynamic_shared(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& done, const char* name) {
-  if (bytes <= 48 * 1024) return;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
-  int limit = 0;
-  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), name,
-             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  if (bytes > limit) {
-    fail(name, "this shape needs " + std::to_string(bytes) + " bytes of shared memory per block; the device allows " +
-                   std::to_string(limit));
+void allow_dynamic_shared(Kernel kernel, int bytes, int device, SharedRaised& raised, const char* name,
+                          int static_bytes = 0) {
+  if (bytes + static_bytes <= 48 * 1024) return;
+  std::atomic<int>* slot = device >= 0 && device < 64 ? &raised.bytes[device] : nullptr;
+  if (slot != nullptr && slot->load(std::memory_order_relaxed) >= bytes) return;
+  const int limit = shared_memory_optin(device, name);
+  if (bytes + static_bytes > limit) {
+    fail(name, "this shape needs " + std::to_string(bytes + static_bytes) +
+                   " bytes of shared memory per block; the device allows " + std::to_string(limit));
   }
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name,
              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  done.fetch_or(bit, std::memory_order_relaxed);
+  if (slot != nullptr) {
+    int seen = slot->load(std::memory_order_relaxed);
+    while (seen < bytes && !slot->compare_exchange_weak(seen, bytes, std::memory_order_relaxed)) {
+    }
+  }
 }
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...): every kernel is launched through

@@ -488,7 +488,7 @@ template <typename T, int D, bool CAUSAL>
 void launch_attn_fwd(const FwdParams& p, dim3 grid, const Launch& at) {
   auto kernel = attn_fwd_kernel<T, D, CAUSAL>;
   constexpr size_t kSmem = smem_bytes<D>();
-  static std::atomic<uint64_t> smem_raised{0};
+  static SharedRaised smem_raised;
   allow_dynamic_shared(kernel, static_cast<int>(kSmem), at.device, smem_raised, kAttnFwdName);
   launch(kernel, grid, kThreads, kSmem, at, p);
 }

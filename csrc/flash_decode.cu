@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(cons
 template <typename T, int HEAD_DIM_PAD, int ROWS_PAD>
 void launch_split(const DecodeParams& p, const Launch& at) {
   using S = DecodeShape<T, HEAD_DIM_PAD, ROWS_PAD>;
-  static std::atomic<uint64_t> smem_raised{0};
+  static SharedRaised smem_raised;
   auto kernel = decode_split_kernel<T, HEAD_DIM_PAD, ROWS_PAD>;
   allow_dynamic_shared(kernel, S::kSmemBytes, at.device, smem_raised, kSplitKernelName);
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.kv_heads),

@@ -674,14 +674,12 @@ void launch_bwd_vec(const RmsNormBwdArgs& a, const Launch& at, const char* name)
   // dw_partial.
   size_t dynamic_bytes = 0;
   if (a.n > static_cast<int64_t>(group_threads) * register_chunks(kBwdChunks, VEC) * VEC) {
-    int optin = 0;
-    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, at.device), name,
-               "cudaDeviceGetAttribute");
     const int64_t bytes = a.n * static_cast<int64_t>(sizeof(float));
-    if (bytes + static_cast<int64_t>(bwd_static_shared_bytes(VEC)) <= optin) {
+    constexpr int kStatic = static_cast<int>(bwd_static_shared_bytes(VEC));
+    if (bytes + kStatic <= shared_memory_optin(at.device, name)) {
       dynamic_bytes = static_cast<size_t>(bytes);
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                 name, "cudaFuncSetAttribute");
+      static SharedRaised raised;
+      allow_dynamic_shared(kernel, static_cast<int>(bytes), at.device, raised, name, kStatic);
     }
   }
   launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(group_threads * groups), dynamic_bytes, at, a, group_threads,
