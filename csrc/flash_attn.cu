@@ -438,7 +438,7 @@ __device__ __forceinline__ void attn_fwd_block(const FwdParams& p, const SeqView
       const uint4 val = *reinterpret_cast<const uint4*>(o_stage + swizzled<D>(row, chunk));
       uint16_t* to = s.out + q_row * o_rs + chunk * 8;
       if (p.aligned) {
-        *reinterpret_cast<uint4*>(to) = val;
+        ptx::st_global_16(to, val);
       } else {
         const uint32_t w[4] = {val.x, val.y, val.z, val.w};
 #pragma unroll

@@ -1,6 +1,7 @@
 // The inline PTX of the kernels, one function per instruction form: cp.async (global ->
-// shared, with zero fill), ldmatrix and mma.sync m16n8k16. Shared memory is addressed by
-// 32-bit shared-window addresses (smem_addr), as the instructions take them.
+// shared, with zero fill), ldmatrix, mma.sync m16n8k16 and a 16-byte global store. Shared
+// memory is addressed by 32-bit shared-window addresses (smem_addr), as the instructions
+// take them.
 //
 // Under LLAMA_FAST_EMULATE (the CPU emulator of the tests, tests/cuda_emulator) each
 // function is emulated from its definition in the PTX ISA, independently of how the
@@ -270,6 +271,19 @@ __device__ __forceinline__ void mma_m16n8k16<__half>(float (&acc)[4], const uint
       "{%0, %1, %2, %3};\n"
       : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// st.global.v4.b32: one 16-byte store (ptr 16-byte aligned). nvcc splits a plain uint4
+// store into four 4-byte STG when the other side of a branch stores the same registers
+// piecewise (the attention epilogue's unaligned path); the asm keeps it one instruction.
+__device__ __forceinline__ void st_global_16(void* ptr, const uint4& v) {
+#ifdef LLAMA_FAST_EMULATE
+  *static_cast<uint4*>(ptr) = v;  // a misaligned pointer throws (-fsanitize=alignment)
+#else
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
 #endif
 }
 
