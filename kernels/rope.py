@@ -24,28 +24,35 @@ def _rotate_heads(
     cos, sin,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
-    """Rotate all ``n_heads`` heads of token (b, s) of X into OUT."""
+    """Rotate all ``n_heads`` heads of token (b, s) of X into OUT.
+
+    Interleaved pairs are loaded as whole rows and split in registers (reshape to
+    (heads, pairs, 2)): two stride-2 gathers would load and store 2 bytes at a time where a
+    row moves 16."""
     pair = tl.arange(0, BLOCK_HALF)
-    pair_ok = pair < half_dim
-    if INTERLEAVED:
-        first = 2 * pair
-        second = 2 * pair + 1
-    else:
-        first = pair
-        second = pair + half_dim
+    dim = tl.arange(0, 2 * BLOCK_HALF)  # INTERLEAVED: the whole row
     x_row = X + b * stride_xb + s * stride_xs
     o_row = OUT + b * stride_ob + s * stride_os
     for h0 in range(0, n_heads, BLOCK_H):
         heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # heads * stride can pass 2^31 for long caches
-        mask = (heads < n_heads)[:, None] & pair_ok[None, :]
         x_at = x_row + heads[:, None] * stride_xh
         o_at = o_row + heads[:, None] * stride_oh
-        x1 = tl.load(x_at + first[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_at + second[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            mask = (heads < n_heads)[:, None] & (dim < 2 * half_dim)[None, :]
+            x = tl.load(x_at + dim[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+        else:
+            mask = (heads < n_heads)[:, None] & (pair < half_dim)[None, :]
+            x1 = tl.load(x_at + pair[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_at + (pair + half_dim)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         o1 = x1 * cos[None, :] - x2 * sin[None, :]
         o2 = x2 * cos[None, :] + x1 * sin[None, :]
-        tl.store(o_at + first[None, :] * stride_od, o1.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(o_at + second[None, :] * stride_od, o2.to(OUT.dtype.element_ty), mask=mask)
+        if INTERLEAVED:
+            o = tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * BLOCK_HALF))
+            tl.store(o_at + dim[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(o_at + pair[None, :] * stride_od, o1.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(o_at + (pair + half_dim)[None, :] * stride_od, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -7,8 +7,11 @@ compiles each ``(kernel, signature, constexprs, num_warps, launch_hints)`` that 
 ``KERNEL_MODULES`` lists in its ``compile_configs()`` for each target architecture and
 reports what the GPU would get: shared memory (Triton's metadata), registers and stack
 frame (``cuobjdump --dump-resource-usage``) and spill bytes (the ``ptxas -v`` log Triton
-writes while compiling; cuobjdump does not report spills), and which tensor-core
-instructions ``tl.dot`` became (``wgmma`` on Hopper, ``mma`` = mma.sync, from the PTX).
+writes while compiling; cuobjdump does not report spills), which tensor-core
+instructions ``tl.dot`` became (``wgmma`` on Hopper, ``mma`` = mma.sync, from the PTX),
+and how wide the global loads and stores are (from the PTX: a memory-bound kernel that
+moves 2 bytes per instruction where it could move 16 is slow on a GPU and right on the
+interpreter).
 
     python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
 
@@ -48,6 +51,7 @@ compiler, so there would be nothing to check).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib
@@ -186,7 +190,8 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
     inside ``fresh_compiles()``): what was specialised, shared memory, registers, stack,
     spills, tensor-core instructions, compile time, and the error if it failed."""
     result = {"specialized": None, "shared": None, "registers": "?", "stack": "?", "spill_stores": "?",
-              "spill_loads": "?", "compile_s": None, "tensor_cores": None, "error": None}
+              "spill_loads": "?", "compile_s": None, "tensor_cores": None, "load_bytes": None, "store_bytes": None,
+              "error": None}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -218,10 +223,28 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
         # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync.
         ptx = compiled.asm["ptx"]
         result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
+        result["load_bytes"], result["store_bytes"] = global_access_bytes(ptx)
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
         # Triton's CompilationError message already points at the kernel source line.
         result["error"] = "".join(traceback.format_exception_only(e)).strip()
     return result
+
+
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+
+
+def global_access_bytes(ptx: str) -> tuple[dict, dict]:
+    """``({bytes: instructions}, {bytes: instructions})`` of the global loads and stores in
+    ``ptx``, keyed by the bytes one instruction moves (``ld.global.v4.b32``: 16), counted
+    in the code, not executed. Keys are strings, as they come back from the JSON."""
+    found = {"ld": collections.Counter(), "st": collections.Counter()}
+    for kind, modifiers in _GLOBAL_ACCESS.findall(ptx):
+        parts = modifiers.split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bfsu]\d+", p)), None)
+        if bits is not None:
+            found[kind][str(vector * bits // 8)] += 1
+    return dict(found["ld"]), dict(found["st"])
 
 
 @contextlib.contextmanager
@@ -276,6 +299,13 @@ def _spill_cell(r: dict | None) -> str:
     return "FAILED" if r["error"] else f"{r['spill_stores']}/{r['spill_loads']}"
 
 
+def _access_cell(r: dict | None) -> str:
+    """``16,8/16``: the widths (bytes per instruction) of the global loads / stores."""
+    if r is None or r["error"] or r.get("load_bytes") is None:
+        return "-"
+    return "/".join(",".join(sorted(r[key], key=int, reverse=True)) or "-" for key in ("load_bytes", "store_bytes"))
+
+
 def format_table(results: list[dict]) -> str:
     """One row per (configuration, arch); launch and general variants side by side."""
     def constexprs(r):
@@ -288,7 +318,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
     header = ("kernel", "sm", "types", "constexprs", "warps", "smem L/G", "regs L/G", "stack L/G",
-              "spill st/ld launch", "general", "tensor cores")
+              "spill st/ld launch", "general", "tensor cores", "ld/st bytes launch")
     rows = [header]
     for variants in grouped.values():
         launch, general = variants.get("launch"), variants.get("general")
@@ -296,7 +326,7 @@ def format_table(results: list[dict]) -> str:
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
-                     str(first.get("tensor_cores") or "-")))
+                     str(first.get("tensor_cores") or "-"), _access_cell(launch)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -156,3 +156,32 @@ def test_attention_dots_use_the_tensor_cores_of_each_arch(results):
         assert r["tensor_cores"] == expected, f"{_describe(r)}: tl.dot became {r['tensor_cores']}, not {expected}"
         checked += 1
     assert checked >= 2 * 3 * 7, checked  # 3 kernels, 7 bf16/fp16 cases with D <= 128, 2 archs
+
+
+# How many elements of a row a memory-bound kernel's tile covers, from its constexprs.
+ROW_ELEMENTS = {
+    "_rms_norm_fwd_kernel": lambda c: c["BLOCK_N"],
+    "_rms_norm_bwd_kernel": lambda c: c["BLOCK_N"],
+    "_swiglu_fwd_kernel": lambda c: c["BLOCK_N"],
+    "_swiglu_bwd_kernel": lambda c: c["BLOCK_N"],
+    "_rope_kernel": lambda c: c["BLOCK_HALF"] * (2 if c["INTERLEAVED"] else 1),
+}
+
+
+def test_memory_bound_kernels_move_16_bytes_per_instruction(results):
+    """The launch variant of every memory-bound configuration whose rows span 16 elements
+    or more moves its rows 16 bytes per instruction: 16-byte loads and stores, no 2-byte
+    (one 16-bit element) store, and a 2-byte load only for RMSNorm's weight (one vector for
+    all rows, which some tile layouts spread one element per thread). The interpreter
+    cannot show this: RoPE's interleaved layout went element by element until its rows
+    were loaded whole and split in registers."""
+    checked = 0
+    for r in results:
+        if r["variant"] != "launch" or r["kernel"] not in ROW_ELEMENTS or ROW_ELEMENTS[r["kernel"]](r["constexprs"]) < 16:
+            continue
+        loads, stores = r["load_bytes"], r["store_bytes"]
+        weight_loads = 1 if r["kernel"].startswith("_rms_norm") else 0
+        assert "16" in loads and "16" in stores and "2" not in stores and loads.get("2", 0) <= weight_loads, \
+            f"{_describe(r)}: load widths {loads}, store widths {stores} (bytes: instructions)"
+        checked += 1
+    assert checked >= 2 * 40, checked
