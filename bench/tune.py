@@ -116,6 +116,11 @@ def override(role: str, cfg: dict):
         fa.forward_config, fa.backward_configs, fd.launch_config = saved
 
 
+def configs_to_try(role: str, head_dim: int, baseline: dict) -> list[dict]:
+    """The current configuration first, then each candidate that differs from it."""
+    return [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]
+
+
 def _label(cfg: dict) -> str:
     return f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg.get('num_stages', 3)}"
 
@@ -183,7 +188,7 @@ def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[
             x = _inputs(role, head_dim, shapes, device)
             baseline = current_config(role, head_dim)
             want = _run(role, x)()
-            for cfg in [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]:
+            for cfg in configs_to_try(role, head_dim, baseline):
                 row = {"role": role, "head_dim": head_dim, "config": cfg, "label": _label(cfg),
                        "current": cfg == baseline, "ms": None, "vs_current": None, "error": None}
                 results.append(row)
@@ -220,7 +225,7 @@ def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
         for head_dim in head_dims:
             for role in roles:
                 baseline = current_config(role, head_dim)
-                for cfg in [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]:
+                for cfg in configs_to_try(role, head_dim, baseline):
                     with override(role, cfg):
                         r = cc.compile_config(*_launch_config(cc, role, head_dim), arch)
                     rows.append(dict(role=role, head_dim=head_dim, config=cfg, label=_label(cfg),

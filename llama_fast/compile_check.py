@@ -92,11 +92,22 @@ def _worker_init(cache_dir: str) -> None:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 
-def _cuobjdump_usage(cubin: bytes) -> dict:
-    """Registers and stack frame from ``cuobjdump --dump-resource-usage``; "?" if unavailable."""
+def triton_cuobjdump() -> str:
+    """The cuobjdump that Triton's wheel bundles (beside its ptxas)."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def align_columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first the header) as left-aligned text columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _cuobjdump_usage(cubin: bytes) -> dict:
+    """Registers and stack frame from ``cuobjdump --dump-resource-usage``; "?" if unavailable."""
+    tool = triton_cuobjdump()
     try:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
@@ -327,8 +338,7 @@ def format_table(results: list[dict]) -> str:
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
                      str(first.get("tensor_cores") or "-"), _access_cell(launch)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return align_columns(rows)
 
 
 def main(argv=None) -> int:

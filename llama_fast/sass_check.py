@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama_fast.compile_check import align_columns, triton_cuobjdump
+
 # An instruction line of cuobjdump -sass: "/*0a30*/  @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 # Width suffixes of memory opcodes, in bytes; none means 4 (LDG.E, STG.E, LDGSTS.E).
@@ -46,9 +48,7 @@ def find_cuobjdump() -> str | None:
     if found := shutil.which("cuobjdump"):
         candidates.append(Path(found))
     try:
-        import triton
-
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+        candidates.append(Path(triton_cuobjdump()))
     except ImportError:
         pass
     return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
@@ -82,6 +82,12 @@ def short_name(demangled: str) -> str:
     -> ``rope_kernel<f16, f32, 8, true>``."""
     name = re.sub(r"\w+::|\(anonymous namespace\)::", "", demangled.removeprefix("void ")).split("(", 1)[0]
     return re.sub(r"\b(__nv_bfloat16|__half|float)\b", lambda m: _SHORT_TYPES[m.group(1)], name)
+
+
+def split_name(name: str) -> tuple[str, list[str]]:
+    """``rope_kernel<f16, f32, 8, true>`` -> ``("rope_kernel", ["f16", "f32", "8", "true"])``."""
+    m = re.fullmatch(r"(\w+)<(.*)>", name)
+    return (m.group(1), [a.strip() for a in m.group(2).split(",")]) if m else (name, [])
 
 
 def parse(sass: str) -> dict[tuple[int, str], collections.Counter]:
@@ -129,8 +135,7 @@ def format_table(counts: dict[tuple[int, str], collections.Counter]) -> str:
     for (arch, name), c in sorted(counts.items()):
         rows.append((str(arch), name, _widths_cell(c, "LDG"), _widths_cell(c, "STG"), _widths_cell(c, "LDGSTS"),
                      str(family(c, "LDSM")), str(family(c, "HMMA")), str(family(c, "LDL") + family(c, "STL"))))
-    w = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(n) for cell, n in zip(r, w)).rstrip() for r in rows)
+    return align_columns(rows)
 
 
 def main(argv=None) -> int:
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
         print(f"sass_check: {e}", file=sys.stderr)
         return 1
     if not args.all:
-        counts = {k: v for k, v in counts.items() if "f32" not in k[1].split("<", 1)[-1].split(",")[0]}
+        counts = {k: v for k, v in counts.items() if split_name(k[1])[1][:1] != ["f32"]}
     print(format_table(counts))
     return 0
 

@@ -4,7 +4,6 @@ loads and stores in the memory-bound kernels, mma.sync fed by ldmatrix and cp.as
 attention forward, no local memory anywhere. See llama_fast/sass_check.py."""
 from __future__ import annotations
 
-import re
 import shutil
 
 import pytest
@@ -29,12 +28,6 @@ def sass():
     return sass_check.instructions()
 
 
-def _split(name: str) -> tuple[str, list[str]]:
-    """``rope_kernel<f16, f32, 8, true>`` -> ``("rope_kernel", ["f16", "f32", "8", "true"])``."""
-    m = re.fullmatch(r"(\w+)<(.*)>", name)
-    return (m.group(1), [a.strip() for a in m.group(2).split(",")]) if m else (name, [])
-
-
 def test_every_kernel_of_the_ptxas_report_is_disassembled(sass):
     for arch in ARCHS:
         reported = [e for e in _ptxas_entries() if e[2] == f"sm_{arch}"]
@@ -52,7 +45,7 @@ def test_memory_bound_kernels_at_full_vector_width_access_16_bytes_at_a_time(sas
     access of the 16-bit rows is 16 bytes wide, none element by element."""
     checked = set()
     for (arch, name), counts in sass.items():
-        kernel, args = _split(name)
+        kernel, args = sass_check.split_name(name)
         if kernel not in MEMORY_BOUND:
             continue
         element = ELEMENT_BYTES[args[0]]
@@ -69,7 +62,7 @@ def test_memory_bound_kernels_at_full_vector_width_access_16_bytes_at_a_time(sas
 
 def test_attention_forward_runs_on_mma_ldmatrix_cp_async_and_stores_16_bytes(sass):
     kernels = [(arch, name, c) for (arch, name), c in sass.items() if name.startswith("attn_fwd_kernel<")]
-    assert {(arch, _split(name)[1][0]) for arch, name, _ in kernels} == {(a, t) for a in ARCHS for t in ("bf16", "f16")}
+    assert {(arch, sass_check.split_name(name)[1][0]) for arch, name, _ in kernels} == {(a, t) for a in ARCHS for t in ("bf16", "f16")}
     for arch, name, counts in kernels:
         mma = "HMMA.16816.F32.BF16" if "bf16" in name else "HMMA.16816.F32"
         assert counts[mma] > 0, f"sm_{arch} {name}: no {mma}"
