@@ -281,14 +281,21 @@ def test_generate_matches_hf_greedy_generate(tmp_path):
     model = load_checkpoint(tmp_path)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (4, 9)]
     ours = generate(model, prompts, 16)
+
+    def hf_generate(prompt, **kw):
+        # An explicit all-ones mask: without one, HF takes every prompt token equal to
+        # pad_token_id (0, which random prompts hold now and then) for padding and masks it.
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                          pad_token_id=0, **kw)
+        return out[0, len(prompt):].tolist()
+
     for prompt, mine in zip(prompts, ours):
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)
-        assert_greedy_equal(model, prompt, mine, theirs[0, len(prompt):].tolist())
+        assert_greedy_equal(model, prompt, mine, hf_generate(prompt))
     # HF's eos_token_id and our stop_tokens: both stop after emitting it.
     stop = ours[0][5]
     mine = generate(model, [prompts[0]], 16, stop_tokens=[stop])[0]
-    theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False, pad_token_id=0,
-                         eos_token_id=stop)[0, len(prompts[0]):].tolist()
+    theirs = hf_generate(prompts[0], eos_token_id=stop)
     assert mine[-1] == stop and len(mine) <= 6
     assert_greedy_equal(model, prompts[0], mine, theirs)
 
