@@ -1,8 +1,12 @@
 """Build script for llama_fast.
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository and ship
-inside the package as ``llama_fast.kernels`` (a top-level ``kernels`` module would clash
-with an unrelated PyPI package of that name).
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and the
+benchmark suite in ``bench/``; both ship inside the package, as ``llama_fast.kernels`` and
+``llama_fast.bench``. Neither folder has an ``__init__.py``: with the repository root on
+sys.path (``python -m ...`` from the root does that), a top-level package named ``kernels``
+would hide Hugging Face's ``kernels`` distribution, which transformers imports. As folders
+without ``__init__.py`` they are at most namespace portions, which any installed package of
+the same name wins over; ``llama_fast`` is the only package importable from the root.
 
 The CUDA C++ extension ``llama_fast._C`` (sources in ``csrc/``) is built whenever nvcc is
 found ($CUDA_HOME/bin/nvcc, else nvcc on PATH); without nvcc, or with LLAMA_FAST_NO_CUDA=1,
@@ -181,8 +185,8 @@ def extensions() -> list[Extension]:
 
 
 setup(
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
-    package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
+    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels", "llama_fast.bench"],
+    package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels", "llama_fast.bench": "bench"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildCudaExtension},
 )

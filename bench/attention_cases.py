@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.cases import DTYPE, Settings, _randn, dtype_name
+from llama_fast.bench.cases import DTYPE, Settings, _randn, dtype_name
 
 
 # ---------------------------------------------------------------------------------------

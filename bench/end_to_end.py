@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.providers import import_llama_fast
+import llama_fast
 
 TRAIN_PROVIDERS = ("hf_eager", "hf_llama_fast", "hf_liger", "ref_eager", "ref_llama_fast", "hf_compile")
 INFER_PROVIDERS = ("ref_eager", "ref_llama_fast")
@@ -68,7 +68,7 @@ def model_args(name: str):
     """The reference ModelArgs of a benchmark model: Llama-3.2-1B as it is, Llama-3-8B's
     layer shape with 2 layers (so it fits any GPU next to its optimizer), and a tiny one
     layer model for --smoke (the Triton interpreter's cost grows with every kernel call)."""
-    ModelArgs = import_llama_fast().ModelArgs
+    ModelArgs = llama_fast.ModelArgs
     if name == "llama-3-8b-2l":
         return ModelArgs.from_name("llama-3-8b").scaled(n_layers=2)
     if name == "tiny-1l":
@@ -155,7 +155,7 @@ def _small_init(model) -> None:
 
 def build_model(provider: str, args, device):
     """The model a provider trains or runs, on ``device`` in bf16, and whether it is HF's."""
-    lf = import_llama_fast()
+    lf = llama_fast
     hf = provider.startswith("hf_")
     with torch.device(device):
         if hf:

@@ -5,7 +5,7 @@
             heads 32/8 x 64, 32/8 x 128, 64/8 x 128); attention at S = 1K-16K (B = 16K / S)
             for those head layouts, causal and full; decode with batch 1-64 and context
             1K-128K; passes fwd, bwd and fwd+bwd.
-* headline  what bench/gpu_check.py runs in its budget: Llama-3-8B shapes (8192 tokens),
+* headline  what scripts/gpu_check.py runs in its budget: Llama-3-8B shapes (8192 tokens),
             four attention shapes, four decode shapes, the same passes.
 * smoke     tiny shapes for a CPU (the Triton interpreter runs programs one by one).
 
@@ -13,8 +13,8 @@ The end-to-end grids are in bench/end_to_end.py (they are model configs, not op 
 """
 from __future__ import annotations
 
-from bench.attention_cases import AttnShape
-from bench.cases import LLAMA3_8B, SMOKE, Shapes
+from llama_fast.bench.attention_cases import AttnShape
+from llama_fast.bench.cases import LLAMA3_8B, SMOKE, Shapes
 
 GRIDS = ("full", "headline", "smoke")
 PASSES = ("fwd", "bwd", "fwd+bwd")

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from bench import REPO
-from bench.cases import EPS
+import llama_fast
+from llama_fast.bench.cases import EPS
 
 LLAMA_FAST = ("triton", "cuda")  # llama_fast's own backends: an error there is a failure
 MEMORY_PROVIDERS = ("triton", "cuda", "eager", "liger", "torch.compile")
@@ -38,23 +38,6 @@ ATTN_PROVIDERS = ("triton", "cuda", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_ef
 DECODE_PROVIDERS = ("triton", "cuda", "sdpa", "flash-attn")
 CUDA_ONLY = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
 COMPILED = ("torch.compile", "flex_attention")  # slow first call: scheduled last
-
-
-@functools.lru_cache(maxsize=None)
-def import_llama_fast():
-    """llama_fast as installed; if it is not (the install step failed), straight from this
-    working tree, where setup.py's mapping of ``kernels/`` to ``llama_fast.kernels`` is
-    redone by adding the repository root to the package's search path."""
-    try:
-        importlib.import_module("llama_fast.kernels")
-    except ImportError:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        package = importlib.import_module("llama_fast")
-        if str(REPO) not in package.__path__:
-            package.__path__.append(str(REPO))  # llama_fast.kernels -> REPO/kernels
-        importlib.import_module("llama_fast.kernels")
-    return importlib.import_module("llama_fast")
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +52,7 @@ def import_reason(module: str) -> str | None:
 def unavailable_reason(provider: str, device: torch.device) -> str | None:
     """None when ``provider`` can run on ``device``, else why not (one line)."""
     if provider in LLAMA_FAST:
-        backends = import_llama_fast().backends
+        backends = llama_fast.backends
         if provider == "cuda":
             return backends.backend_status("cuda")
         return backends.device_reason("triton", device)
@@ -86,7 +69,7 @@ def unavailable_reason(provider: str, device: torch.device) -> str | None:
 
 def under_backend(fn: Callable, backend: str) -> Callable:
     """``fn`` run under ``llama_fast.backend(backend)`` (its backward follows the forward's backend)."""
-    lf = import_llama_fast()
+    lf = llama_fast
 
     def run(*args, **kwargs):
         with lf.backend(backend):

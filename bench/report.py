@@ -1,17 +1,22 @@
-"""The report of bench/suite.py and bench/gpu_check.py: the JSON, the markdown, the log.
+"""The report of the suite (``llama-fast bench``) and of scripts/gpu_check.py: the JSON,
+the markdown, the log.
 
-``new_report`` starts the JSON document; ``write_outputs`` sorts its rows and rewrites the
+``new_report`` starts the JSON document (``resolve_commit`` names the commit measured,
+``default_out_dir`` where results go); ``write_outputs`` sorts its rows and rewrites the
 JSON and the markdown tables (memory-bound ops, attention, decode, training step,
 inference; a section only where there are rows); ``Log`` writes the progress lines to a
 stream and a log file.
 """
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
+import os
 import json
 import math
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,9 +24,9 @@ from typing import Callable
 
 import torch
 
-from bench.cases import CASES, DTYPE_NAME
-from bench.end_to_end import TRAIN_PROVIDERS
-from bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS
+from llama_fast.bench.cases import CASES, DTYPE_NAME
+from llama_fast.bench.end_to_end import TRAIN_PROVIDERS
+from llama_fast.bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS
 
 ALL_PROVIDERS = tuple(dict.fromkeys(MEMORY_PROVIDERS + ATTN_PROVIDERS + TRAIN_PROVIDERS))
 
@@ -36,6 +41,30 @@ def new_report(device: torch.device, commit: str | None) -> dict:
         "rows": [],
         "steps": {},
     }
+
+
+def resolve_commit(given: str | None) -> str | None:
+    """``given``, else the checkout's HEAD (when this package runs from a git checkout), else
+    $LLAMA_FAST_COMMIT: the commit whose code was measured."""
+    if given:
+        return given
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("LLAMA_FAST_COMMIT") or None
+
+
+def default_out_dir(device_name: str, root: Path | None = None) -> Path:
+    """$OUT, else ``root`` (default: ./bench/results, the checkout's results folder when run
+    from the repository root) / <gpu>-<date>."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
+    return (root or Path("bench") / "results") / f"{slug}-{datetime.date.today().isoformat()}"
 
 
 def _dist_version(dist: str) -> str | None:

@@ -13,22 +13,23 @@ from typing import Callable
 
 import torch
 
-from bench.attention_cases import (
+from llama_fast.bench.attention_cases import (
     SDPA_BACKENDS, AttnShape, _raise_recompile_limit, attn_empty_row, attn_flops, attn_inputs, attn_reps, decode_bytes, decode_inputs,
     decode_plan, flex_fn, sdpa_fn,
 )
-from bench.cases import Settings, Shapes, empty_row
-from bench.providers import (  # noqa: F401  (import_llama_fast: gpu_check and tests reach it here)
-    LLAMA_FAST, flash_attn_decode_fn, flash_attn_fn, import_llama_fast, liger_fn, under_backend,
+from llama_fast.bench.cases import Settings, Shapes, empty_row
+import llama_fast
+from llama_fast.bench.providers import (
+    LLAMA_FAST, flash_attn_decode_fn, flash_attn_fn, liger_fn, under_backend,
 )
-from bench.timing import peak_mem_mb, time_ms
+from llama_fast.bench.timing import peak_mem_mb, time_ms
 
 
 def provider_fn(case: dict, provider: str, compiled: dict) -> tuple[Callable, tuple[str, ...]]:
     """The function that provider runs for ``case`` and the names of the inputs it takes."""
     if provider in LLAMA_FAST:
         name, args = case["llama_fast"]
-        return under_backend(getattr(import_llama_fast(), name), provider), args
+        return under_backend(getattr(llama_fast, name), provider), args
     if provider == "liger":
         return liger_fn(case["op"])
     fn, args = case["eager"]
@@ -103,7 +104,7 @@ def bench_row(case: dict, s: Shapes, dtype: torch.dtype, pass_: str, provider: s
 
 def llama_fast_backend(device: torch.device) -> str:
     """The backend llama_fast's auto choice picks here (for the report's header)."""
-    backends = import_llama_fast().backends
+    backends = llama_fast.backends
     name = backends.pick("rms_norm_fwd", device)
     return f"{name} (interpreter)" if name == "triton" and device.type == "cpu" else name
 
@@ -126,7 +127,7 @@ def attn_row(s: AttnShape, dtype: torch.dtype, pass_: str, provider: str, cfg: S
     """One prefill row: TFLOP/s by attn_flops, as a fraction of the matmul ceiling."""
     input_sets = [attn_inputs(s, device, dtype) for _ in range(cfg.n_sets)]
     if provider in LLAMA_FAST:
-        fn = under_backend(functools.partial(import_llama_fast().flash_attn, causal=s.causal), provider)
+        fn = under_backend(functools.partial(llama_fast.flash_attn, causal=s.causal), provider)
     elif provider == "flash-attn":
         fn = flash_attn_fn(s.causal)
     elif provider == "flex_attention":
@@ -154,7 +155,7 @@ def decode_row(s: AttnShape, dtype: torch.dtype, provider: str, cfg: Settings, d
     n_sets, warmup, reps = decode_plan(cfg, s, device)
     input_sets = [decode_inputs(s, device, dtype) for _ in range(n_sets)]
     if provider in LLAMA_FAST or provider == "flash-attn":
-        fn = flash_attn_decode_fn() if provider == "flash-attn" else under_backend(import_llama_fast().flash_decode, provider)
+        fn = flash_attn_decode_fn() if provider == "flash-attn" else under_backend(llama_fast.flash_decode, provider)
         calls = [functools.partial(fn, i["q"], i["k_cache"], i["v_cache"], i["cache_seqlens"]) for i in input_sets]
     else:
         first = input_sets[0]

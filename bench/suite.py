@@ -1,4 +1,4 @@
-"""The benchmark suite: ``python -m llama_fast bench`` (or ``python -m bench.suite``).
+"""The benchmark suite: ``python -m llama_fast bench`` (or ``python -m llama_fast.bench.suite``).
 
     python -m llama_fast bench [--ops rms_norm,attention,train,...] [--smoke] [--out FILE]
                                [--dtypes bf16,fp16] [--grid full|headline] [--budget-s S]
@@ -30,30 +30,26 @@ exit status 1.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
 import sys
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-if not __package__:  # run as a script: sys.path[0] is bench/, not the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench import end_to_end as e2e  # noqa: E402
-from bench import grid as grids  # noqa: E402
-from bench.attention_cases import DECODE_MAX_CACHE_BYTES, attn_empty_row, decode_bytes  # noqa: E402
-from bench.cases import CASES, DTYPES, GPU_SETTINGS, SMOKE_SETTINGS, Settings, dtype_name, empty_row  # noqa: E402
-from bench.providers import (  # noqa: E402
+from llama_fast.bench import end_to_end as e2e
+from llama_fast.bench import grid as grids
+from llama_fast.bench.attention_cases import DECODE_MAX_CACHE_BYTES, attn_empty_row, decode_bytes
+from llama_fast.bench.cases import CASES, DTYPES, GPU_SETTINGS, SMOKE_SETTINGS, Settings, dtype_name, empty_row
+from llama_fast.bench.providers import (
     ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, import_reason, unavailable_reason,
 )
-from bench.rows import attn_row, bench_row, decode_row  # noqa: E402
+from llama_fast.bench.rows import attn_row, bench_row, decode_row
 
 OP_ALIASES = {"rope": "apply_rope"}
 MEMORY_OPS = tuple(case["op"] for case in CASES)
@@ -426,8 +422,6 @@ def parse_args(argv):
 
 def output_paths(out: Path | None, device_name: str) -> tuple[Path, str]:
     """(folder, file stem) of the outputs: see the module docstring."""
-    from bench.gpu_check import default_out_dir
-
     if out is None:
         folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else default_out_dir(device_name)
         return folder, "bench"
@@ -448,9 +442,8 @@ def main(argv=None) -> int:
         return 2
     else:  # the Triton kernels under the interpreter (nothing has imported triton yet)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from bench.gpu_check import resolve_commit
-    from bench.report import Log, new_report, write_outputs
-    from bench.timing import measure_ceilings
+    from llama_fast.bench.report import Log, default_out_dir, new_report, resolve_commit, write_outputs
+    from llama_fast.bench.timing import measure_ceilings
 
     device = torch.device("cuda" if on_gpu else "cpu")
     try:
@@ -486,7 +479,7 @@ def main(argv=None) -> int:
     else:
         report["steps"]["ceilings"] = {"status": "skipped", "why": "--smoke or no GPU", "seconds": 0.0}
 
-    from bench.rows import llama_fast_backend
+    from llama_fast.bench.rows import llama_fast_backend
 
     info = new_bench_info(cfg, device, grid)
     info["llama_fast_backend"] = llama_fast_backend(device)
@@ -500,7 +493,7 @@ def main(argv=None) -> int:
     table = save()
 
     if not args.no_plots:
-        from bench.plots import write_plots
+        from llama_fast.bench.plots import write_plots
 
         pngs = write_plots(report, folder, stem)
         if pngs is None:

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from bench.cases import DTYPE, _randn
+from llama_fast.bench.cases import DTYPE, _randn
 
 MiB = 2**20
 COPY_BYTES = 2**30  # the copy ceiling's buffer: far larger than L2

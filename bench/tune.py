@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Try launch configurations of the Triton attention kernels: ``python -m bench.tune``.
+"""Try launch configurations of the Triton attention kernels: ``python -m llama_fast.bench.tune``.
 
-    python -m bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq,decode] [--seqlen 4096]
+    python -m llama_fast.bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq,decode] [--seqlen 4096]
                          [--decode-context 8192] [--out FILE.json] [--budget-s S]
                          [--compile-only ARCH] [--smoke]
 
@@ -26,18 +26,14 @@ candidate must compute what the current configuration computes.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import sys
+import time
 from pathlib import Path
 
-if not __package__:  # run as a script: sys.path[0] is bench/, not the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 # (role, head dim) -> candidate configurations as (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # BLOCK_M counts queries, BLOCK_N keys. The current configuration is always measured
@@ -180,7 +176,7 @@ def _mismatch(got, want) -> str | None:
 
 
 def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[dict]:
-    from bench.timing import time_ms
+    from llama_fast.bench.timing import time_ms
 
     results = []
     for head_dim in head_dims:
@@ -280,7 +276,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llama_fast.bench.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--seqlen", type=int, default=4096, help="tokens of the training-shape runs")

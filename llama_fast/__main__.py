@@ -93,20 +93,12 @@ def selfcheck() -> int:
 
 
 def bench(argv: list[str]) -> int:
-    """Run the benchmark suite of the source checkout this package runs from, in a child
-    process (its own interpreter decides TRITON_INTERPRET before triton is imported)."""
+    """Run the benchmark suite (``llama_fast.bench.suite``, shipped with the package) in a child
+    process: its own interpreter decides TRITON_INTERPRET before triton is imported."""
     import subprocess
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "suite.py"
-    if not script.exists():
-        print("llama-fast bench: the benchmarks live in the source checkout's bench/ folder, which this "
-              f"installation does not have ({script} is missing); install llama_fast editable from a checkout",
-              file=sys.stderr)
-        return 2
     _enable_interpreter_on_cpu()
-    cmd = [sys.executable, "-m", "bench.suite", *argv]
-    return subprocess.run(cmd, cwd=script.parent.parent).returncode
+    return subprocess.run([sys.executable, "-m", "llama_fast.bench.suite", *argv]).returncode
 
 
 def main(argv=None) -> int:
@@ -118,7 +110,7 @@ def main(argv=None) -> int:
 
     add_arguments(sub.add_parser("demo", help="patch a Llama 3, check it, generate and time it"))
     # add_help=False: --help goes on to the suite, which lists its own options.
-    sub.add_parser("bench", add_help=False, help="the benchmark suite (bench/suite.py); its arguments go to it")
+    sub.add_parser("bench", add_help=False, help="the benchmark suite; its arguments go to it (bench --help lists them)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return bench(rest)

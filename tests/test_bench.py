@@ -17,10 +17,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # the bench/ package of this checkout
-
-from bench import end_to_end as e2e, suite  # noqa: E402
+import llama_fast
+from llama_fast.bench import end_to_end as e2e, suite
 
 SCHEMA_TOP = {"device", "torch", "triton", "commit", "ceilings", "rows"}
 ROW_KEYS = {"op", "shape", "dtype", "pass", "provider", "ms", "gbps", "tflops", "fraction_of_ceiling", "peak_mem_mb"}
@@ -159,9 +157,7 @@ def test_build_jobs_marks_unbuilt_cuda_unavailable():
     cfg = suite.Settings(**suite.SMOKE_SETTINGS, compile=False)
     jobs = suite.build_jobs(("rms_norm",), "smoke", [torch.bfloat16], cpu, cfg, {}, info, log=lambda msg: None)
     reasons = {u["what"]: u["why"] for u in info["unavailable"]}
-    from bench.providers import import_llama_fast
-
-    status = import_llama_fast().backends.backend_status("cuda")
+    status = llama_fast.backends.backend_status("cuda")
     cuda_jobs = [j for j in jobs if j.provider == "cuda"]
     assert len(cuda_jobs) == 3  # fwd, bwd, fwd+bwd
     if status is None:
@@ -172,7 +168,7 @@ def test_build_jobs_marks_unbuilt_cuda_unavailable():
 
 
 def test_plots_or_a_notice(tmp_path):
-    from bench.plots import write_plots
+    from llama_fast.bench.plots import write_plots
 
     report = {"device": "test", "rows": [dict(_empty(p), shape=f"x({n},1)", ms=1.0, gbps=float(n))
                                          for p in ("triton", "eager") for n in (1, 2, 4)],
@@ -187,7 +183,7 @@ def test_plots_or_a_notice(tmp_path):
 def test_end_to_end_flop_count_matches_the_model():
     """matmul_params counts exactly the weights of the reference model's Linear layers."""
     args = e2e.model_args("tiny-1l")
-    model = e2e.import_llama_fast().Transformer(args)
+    model = e2e.llama_fast.Transformer(args)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert e2e.matmul_params(args) == linear
     big = e2e.model_args("llama-3.2-1b")
@@ -219,7 +215,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     import io
     import time
 
-    from bench.suite import Progress
+    from llama_fast.bench.suite import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

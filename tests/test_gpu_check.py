@@ -1,7 +1,7 @@
-"""bench/gpu_check.py: the smoke mode runs end to end and writes the promised report
+"""scripts/gpu_check.py: the smoke mode runs end to end and writes the promised report
 (the suite's own command, ``python -m llama_fast bench``, is tested in tests/test_bench.py).
 
-The script runs as the GPU session runs it, a child process from the repository root. It
+The script runs as a user runs it, a child process from the repository root. It
 inherits TRITON_INTERPRET from conftest.py on a machine without CUDA, so the llama_fast
 provider runs the Triton kernels under the interpreter there.
 """
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "bench" / "gpu_check.py"
+SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 TOP_KEYS = {"device", "torch", "triton", "commit", "ceilings", "rows", "steps", "sizes"}
 CEILING_KEYS = {"copy_gbps", "bf16_tflops"}
@@ -148,8 +148,8 @@ def test_markdown_written(smoke_run):
     assert (out / "gpu_check.log").is_file()
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+def _load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -190,9 +190,8 @@ def test_tests_step_runs_the_cuda_part_first_and_sums_the_parts(tmp_path, monkey
 
 
 def test_attention_grid_and_plans():
-    sys.path.insert(0, str(REPO))
-    from bench import attention_cases as ac, grid
-    from bench.cases import GPU_SETTINGS, Settings
+    from llama_fast.bench import attention_cases as ac, grid
+    from llama_fast.bench.cases import GPU_SETTINGS, Settings
 
     prefill = grid.attention_shapes("full")
     assert len(prefill) == 3 * 2 * 5 and all(s.batch * s.seqlen == 16384 for s in prefill)
@@ -246,8 +245,7 @@ def test_carried_wheels_are_installed_and_put_on_the_path(tmp_path, monkeypatch)
 
 
 def test_summary_compares_cuda_with_triton_per_op():
-    sys.path.insert(0, str(REPO))
-    from bench.report import cuda_against_triton
+    from llama_fast.bench.report import cuda_against_triton
 
     def row(op, shape, provider, ms):
         return {"op": op, "pass": "fwd", "shape": shape, "dtype": "bfloat16", "provider": provider, "ms": ms}
@@ -260,8 +258,7 @@ def test_summary_compares_cuda_with_triton_per_op():
 
 
 def test_readme_section_is_written_from_a_results_json(tmp_path):
-    sys.path.insert(0, str(REPO))
-    from bench import readme
+    readme = _load_script(REPO / "scripts" / "bench_readme.py")
 
     folder = tmp_path / "bench" / "results" / "nvidia-h100-80gb-hbm3-2026-12-01"
     folder.mkdir(parents=True)
@@ -292,7 +289,7 @@ def test_readme_section_is_written_from_a_results_json(tmp_path):
 
 
 def test_the_readme_has_the_results_markers():
-    from bench import readme
+    readme = _load_script(REPO / "scripts" / "bench_readme.py")
 
     text = (REPO / "README.md").read_text()
     assert text.count(readme.START) == 1 and text.count(readme.END) == 1

@@ -1,4 +1,4 @@
-"""``python -m bench.tune``: the attention configuration candidates compute what the
+"""``python -m llama_fast.bench.tune``: the attention configuration candidates compute what the
 current configurations compute (the interpreter, tiny shapes), compile for Hopper, and a
 wrong or non-finite result is caught, never timed."""
 from __future__ import annotations
@@ -13,13 +13,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # the bench/ package of this checkout
-
-from bench import tune  # noqa: E402
+from llama_fast.bench import tune
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU `python -m bench.tune` itself is the check: compiling "
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU `python -m llama_fast.bench.tune` itself is the check: compiling "
                     "every candidate here would spend minutes of the GPU test run")
 def test_every_candidate_matches_the_current_configuration(tmp_path):
     out = tmp_path / "tune.json"
@@ -68,7 +65,7 @@ def test_a_wrong_or_non_finite_result_is_a_mismatch():
 def test_compile_only_reports_the_candidates_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "c.json"
-    done = subprocess.run([sys.executable, "-m", "bench.tune", "--compile-only", "90", "--roles", "dq",
+    done = subprocess.run([sys.executable, "-m", "llama_fast.bench.tune", "--compile-only", "90", "--roles", "dq",
                            "--head-dims", "64", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Download the wheels a GPU session needs but the GPU image lacks into .whl/ (repository
-# root); bench/gpu_check.py installs whatever it finds there (--target /tmp/site) before
-# anything else. Run it on a machine with network access, then carry .whl to the session.
+# For a GPU machine without network: download the benchmark's optional wheels into .whl/
+# (repository root) on a machine with network, then copy the checkout over;
+# scripts/gpu_check.py installs whatever it finds there (--target /tmp/site) first.
 #
 # liger-kernel 0.8.5 is pure Python (py3-none-any). Its Requires-Dist: torch>=2.1.2 and
-# triton>=2.3.1, both already on the GPU image, so it is fetched with --no-deps (the extras
+# triton>=2.3.1, both already installed beside llama_fast, so it is fetched with --no-deps (the extras
 # cutile, cutedsl, lck and dev are not needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Put GPU results into README.md: ``python -m bench.readme [RESULTS_DIR]``.
+"""Put GPU results into README.md: ``python scripts/bench_readme.py [RESULTS_DIR]``.
 
 Rewrites the part of README.md between ``START`` and ``END`` with one results folder
 (default: the newest ``bench/results/*/`` holding a ``gpu_check.json`` or ``bench.json``):
@@ -10,19 +10,16 @@ number here is typed by hand.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a script: sys.path[0] is bench/, not the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_fast.bench.report import compare_cases
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the checkout whose README.md this writes
 
-from bench import REPO  # noqa: E402
-from bench.report import compare_cases  # noqa: E402
-
-START = "<!-- bench-results:start (written by python -m bench.readme) -->"
+START = "<!-- bench-results:start (written by python scripts/bench_readme.py) -->"
 END = "<!-- bench-results:end -->"
 RESULT_FILES = ("gpu_check.json", "bench.json")
 
@@ -75,7 +72,7 @@ def update(readme: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python scripts/bench_readme.py", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", type=Path, help="a results folder or JSON (default: the newest)")
     p.add_argument("--readme", type=Path, default=REPO / "README.md")
     args = p.parse_args(argv)

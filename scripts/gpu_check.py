@@ -1,17 +1,16 @@
 #!/usr/bin/env python
-"""One command for a GPU session: install llama_fast, run the tests, benchmark, report.
+"""On a machine with a CUDA GPU: install llama_fast, run the tests, benchmark, report.
 
-    python bench/gpu_check.py [--out DIR] [--smoke] [--skip-install] [--skip-tests]
-                              [--skip-compile] [--commit SHA] [--budget-s S]
-    python -m bench.gpu_check ...            (the same, from the repository root)
+    python scripts/gpu_check.py [--out DIR] [--smoke] [--skip-install] [--skip-tests]
+                                [--skip-compile] [--commit SHA] [--budget-s S]
 
 Steps, each timed and logged; a failing step is recorded and the later steps still run,
 and the exit status is 1 if anything failed:
 
-0. wheels     if the repository root has a .whl/ folder (Liger-Kernel travels that way to a
-              GPU image without it: bench/fetch_wheels.sh), ``pip install --no-index
-              --no-deps --target /tmp/site .whl/*.whl``; /tmp/site then goes on sys.path
-              and PYTHONPATH for the later steps
+0. wheels     if the repository root has a .whl/ folder (for a machine without network:
+              scripts/fetch_wheels.sh downloads Liger-Kernel there), ``pip install
+              --no-index --no-deps --target /tmp/site .whl/*.whl``; /tmp/site then goes on
+              sys.path and PYTHONPATH for the later steps
 1. install    ``python -m pip install --no-build-isolation --no-deps -e .`` (which builds the
               CUDA extension from csrc/ where nvcc is present) -> install.log; the build's
               ptxas report -> _C.ptxas.txt, its most registers and spill bytes recorded
@@ -21,70 +20,52 @@ and the exit status is 1 if anything failed:
               tests-cuda.log, tests-rest.log; passed/failed counts per part and summed
 3. ceilings   a 1 GiB device-to-device copy (read + write bytes) -> copy_gbps, and a bf16
               8192^3 matmul -> bf16_tflops
-4. bench      the ``headline`` grid of the benchmark suite (bench/suite.py) in bf16: every
-              memory-bound op, attention and decode at Llama-3-8B shapes for every
-              provider (llama_fast's triton and cuda backends, eager, torch.compile,
+4. bench      the ``headline`` grid of the benchmark suite (``llama_fast.bench.suite``) in
+              bf16: every memory-bound op, attention and decode at Llama-3-8B shapes for
+              every provider (llama_fast's triton and cuda backends, eager, torch.compile,
               Liger-Kernel, SDPA's backends, FlexAttention, flash-attn where importable),
               and end to end a Llama-3.2-1B training step and prefill + decode
-5. plots      PNGs of the rows (bench/plots.py; skipped with a notice without matplotlib)
+5. plots      PNGs of the rows (skipped with a notice without matplotlib)
+
+Steps 0 and 1 need nothing of llama_fast; the benchmark modules are imported after them,
+since before the install llama_fast may not be importable at all.
 
 Printed last: the tables, then a short summary (steps, ceilings, and per case llama_fast's
 time against the fastest other provider).
 
-Results go to --out, else $OUT, else bench/results/<gpu-name>-<date>/: gpu_check.json,
-gpu_check.md (the tables), gpu_check.log (this script's progress), the step logs and
-the plots. The JSON and markdown are rewritten after every step and every row, so a run
-killed by an outer time limit still leaves what it measured; --budget-s (from the
-script's start; 500 s leaves an H100 session of 9 minutes room for start-up) makes the
-benchmark skip what it has no time for instead: the suite runs the compiled rows last.
-
-Modules (all under bench/)
---------------------------
-* gpu_check.py        this driver: the steps and main
-* suite.py            the benchmark suite: jobs, order and budget, ``python -m llama_fast bench``
-* grid.py             the shape grids (full, headline, smoke)
-* cases.py            settings and the memory-bound CASES (inputs, eager references, bytes)
-* attention_cases.py  attention and decode: inputs, FLOP/byte formulas, SDPA and flex
-* providers.py        the providers, their availability, Liger-Kernel and flash-attn calls
-* end_to_end.py       training step and inference of whole models
-* rows.py             one measured row per case, shape, dtype, provider and pass
-* timing.py           timers, peak memory and the ceilings ("How things are timed" there)
-* report.py, plots.py the JSON, the markdown, the log and the PNGs
-* tune.py             not run here: launch configurations of the Triton attention kernels,
-                      tried one kernel at a time (``python -m bench.tune``)
+Results go to --out, else $OUT, else bench/results/<gpu-name>-<date>/ of this checkout:
+gpu_check.json, gpu_check.md (the tables), gpu_check.log (this script's progress), the
+step logs and the plots. The JSON and markdown are rewritten after every step and every
+row, so a run killed by an outer time limit still leaves what it measured; --budget-s
+(from the script's start) makes the benchmark skip what it has no time for instead: the
+suite runs the compiled rows last. ``python scripts/bench_readme.py`` then writes the
+newest results into README.md.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+import argparse
+import datetime
+import importlib
+import importlib.util
+import os
+import re
+import signal
+import site
+import subprocess
+import time
+import traceback
+from typing import Callable
 
-if not __package__:  # run as a script: sys.path[0] is bench/, not the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import site  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench import REPO  # noqa: E402
-from bench.cases import GPU_SETTINGS, SMOKE_SETTINGS, Settings  # noqa: E402
-from bench.report import Log, new_report, summary, write_outputs  # noqa: E402
-from bench.timing import measure_ceilings  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the checkout this script installs and tests
 
 # The test run is cut short to leave the benchmark this much of --budget-s: about what the
 # headline grid's uncompiled tiers (ops, attention and decode, end to end) need on an H100.
 BENCH_RESERVE_S = 210
-WHEEL_DIR = ".whl"  # wheels carried to a GPU image that lacks them (bench/fetch_wheels.sh)
+WHEEL_DIR = ".whl"  # optional wheels for a machine without network (scripts/fetch_wheels.sh)
 WHEEL_SITE = Path("/tmp/site")
 
 
@@ -145,7 +126,7 @@ def step_install(out_dir: Path, timeout_s: float) -> dict:
 
 
 def ptxas_summary(report: Path, out_dir: Path) -> dict:
-    """The CUDA build's ptxas report (this image's nvcc), copied to out_dir: its first line
+    """The CUDA build's ptxas report (this machine's nvcc), copied to out_dir: its first line
     (build tool, nvcc, archs), the most registers of any kernel and the total spill bytes."""
     if not report.is_file():
         return {"cuda_build": None}
@@ -180,7 +161,7 @@ def parse_pytest(text: str) -> dict:
 
 
 # The test run in two parts: the cuda backend first (every op test's cuda parameter, the
-# extension's own tests, sanitizer and CUDA graphs: what only a GPU session can check), then
+# extension's own tests, sanitizer and CUDA graphs: what only a GPU can check), then
 # the rest, so a run cut short by its timeout has spent its time where it matters most. The
 # CPU emulator's own tests (g++ builds of test programs) are CI's, not the GPU's.
 TEST_PARTS = (("cuda", "cuda and not emulator"), ("rest", "not cuda"))
@@ -190,8 +171,8 @@ def step_tests(out_dir: Path, timeout_s: float, on_gpu: bool) -> dict:
     env = dict(os.environ)
     if on_gpu:
         env.pop("TRITON_INTERPRET", None)  # the kernels must run compiled on the GPU
-    # Every failure is worth seeing from a scarce GPU session, so no -x; pytest-xdist (on
-    # the GPU image) spreads Triton's JIT compiles over the cores.
+    # Every failure is worth seeing from one GPU run, so no -x; pytest-xdist (where
+    # installed) spreads Triton's JIT compiles over the cores.
     base = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=25", "-p", "no:cacheprovider"]
     if on_gpu and importlib.util.find_spec("xdist") is not None:
         base += ["-n", "8", "--dist", "loadgroup"]  # tests/test_large.py's big tensors: one worker
@@ -215,6 +196,8 @@ def step_tests(out_dir: Path, timeout_s: float, on_gpu: bool) -> dict:
 
 
 def step_ceilings(report: dict, device: torch.device, warmup: int, reps: int) -> dict:
+    from llama_fast.bench.timing import measure_ceilings
+
     return measure_ceilings(report["ceilings"], device, warmup, reps)
 
 
@@ -224,8 +207,8 @@ def step_ceilings(report: dict, device: torch.device, warmup: int, reps: int) ->
 
 def step_bench(report, cfg: Settings, device, deadline: float, log: Log, save: Callable, smoke: bool = False) -> dict:
     """The suite's headline grid (smoke: its smoke grid), bf16, every op, in its tier order."""
-    from bench import suite
-    from bench.rows import llama_fast_backend
+    from llama_fast.bench import suite
+    from llama_fast.bench.rows import llama_fast_backend
 
     grid = "smoke" if smoke else "headline"
     info = suite.new_bench_info(cfg, device, grid)
@@ -241,7 +224,7 @@ def step_bench(report, cfg: Settings, device, deadline: float, log: Log, save: C
 
 
 def step_plots(report: dict, out_dir: Path) -> dict:
-    from bench.plots import write_plots
+    from llama_fast.bench.plots import write_plots
 
     pngs = write_plots(report, out_dir, "gpu_check")
     if pngs is None:
@@ -251,25 +234,6 @@ def step_plots(report: dict, out_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------
 # driver
-
-
-def resolve_commit(given: str | None) -> str | None:
-    if given:
-        return given
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if done.returncode == 0 and done.stdout.strip():
-            return done.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("LLAMA_FAST_COMMIT") or None
-
-
-def default_out_dir(device_name: str) -> Path:
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"])
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
-    return REPO / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}"
 
 
 def parse_args(argv):
@@ -289,18 +253,31 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_step(report: dict, name: str, body: Callable[[], dict], log: Log, save: Callable) -> None:
-    """Run one step; its outcome (or the exception) and its time go into report["steps"]."""
-    log(f"== {name}")
+def timed_step(body: Callable[[], dict], log: Callable[[str], None]) -> dict:
+    """Run one step: its outcome (or the exception) and its time."""
     start = time.monotonic()
     try:
         result = body()
     except Exception as exc:
         log(traceback.format_exc())
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    report["steps"][name] = {**result, "seconds": round(time.monotonic() - start, 1)}
-    log(f"== {name}: {result['status']}")
+    return {**result, "seconds": round(time.monotonic() - start, 1)}
+
+
+def run_step(report: dict, name: str, body: Callable[[], dict], log, save: Callable) -> None:
+    """Run one step into report["steps"], logged, and save the report."""
+    log(f"== {name}")
+    report["steps"][name] = timed_step(body, log)
+    log(f"== {name}: {report['steps'][name]['status']}")
     save()
+
+
+def default_out_dir(device_name: str) -> Path:
+    """$OUT, else this checkout's bench/results/<gpu>-<date>/."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
+    return REPO / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}"
 
 
 def main(argv=None) -> int:
@@ -311,18 +288,9 @@ def main(argv=None) -> int:
         # Before anything imports triton: on a GPU the kernels run compiled, never interpreted.
         os.environ.pop("TRITON_INTERPRET", None)
     device = torch.device("cuda" if on_gpu else "cpu")
-    settings = dict(SMOKE_SETTINGS if args.smoke else GPU_SETTINGS)
-    settings.update({k: v for k, v in (("warmup", args.warmup), ("reps", args.reps)) if v is not None})
-    cfg = Settings(**settings, compile=not (args.smoke or args.skip_compile))
-
-    report = new_report(device, resolve_commit(args.commit))
-    out_dir = args.out or default_out_dir(report["device"])
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    out_dir = args.out or default_out_dir(device_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = Log(out_dir / "gpu_check.log")
-    log(f"gpu_check: {report['device']}, torch {report['torch']}, triton {report['triton']}, out {out_dir}")
-
-    def save() -> str:
-        return write_outputs(out_dir, report)
 
     def remaining() -> float:
         return args.budget_s - (time.monotonic() - start)
@@ -330,13 +298,37 @@ def main(argv=None) -> int:
     def skipped(why: str) -> Callable[[], dict]:
         return lambda: {"status": "skipped", "why": why}
 
+    # The wheels and the install come first: until the install, llama_fast (and with it the
+    # benchmark modules this script reports with) may not be importable at all.
     has_wheels = any((REPO / WHEEL_DIR).glob("*.whl"))
-    # (step, why it is skipped or None, what it runs)
-    steps = [
+    early = [
         ("wheels", "--smoke" if args.smoke else (None if has_wheels else f"no {WHEEL_DIR}/*.whl"),
          lambda: step_wheels(out_dir, 120.0)),
         ("install", "--smoke or --skip-install" if args.smoke or args.skip_install else None,
          lambda: step_install(out_dir, max(10.0, min(args.install_timeout, remaining())))),
+    ]
+    early_steps = {}
+    for name, why_skipped, body in early:
+        early_steps[name] = timed_step(skipped(why_skipped) if why_skipped else body, print)
+
+    from llama_fast.bench.cases import GPU_SETTINGS, SMOKE_SETTINGS, Settings
+    from llama_fast.bench.report import Log, new_report, resolve_commit, summary, write_outputs
+
+    settings = dict(SMOKE_SETTINGS if args.smoke else GPU_SETTINGS)
+    settings.update({k: v for k, v in (("warmup", args.warmup), ("reps", args.reps)) if v is not None})
+    cfg = Settings(**settings, compile=not (args.smoke or args.skip_compile))
+    report = new_report(device, resolve_commit(args.commit))
+    report["steps"].update(early_steps)
+    log = Log(out_dir / "gpu_check.log")
+    log(f"gpu_check: {report['device']}, torch {report['torch']}, triton {report['triton']}, out {out_dir}")
+    for name, step in early_steps.items():
+        log(f"== {name}: {step['status']}")
+
+    def save() -> str:
+        return write_outputs(out_dir, report)
+
+    # (step, why it is skipped or None, what it runs)
+    steps = [
         # The test run is cut short if it would eat into the benchmark's share of the budget.
         ("tests", "--smoke or --skip-tests" if args.smoke or args.skip_tests else None,
          lambda: step_tests(out_dir, max(10.0, min(args.tests_timeout, remaining() - BENCH_RESERVE_S)), on_gpu)),
