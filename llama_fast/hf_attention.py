@@ -55,6 +55,7 @@ to SDPA: their mask covers the whole preallocated cache and queries are not the 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -180,16 +181,57 @@ def _packed(q, k, v, segments, scale):
     return packed_attention(q, k, v, lengths, softmax_scale=scale)
 
 
+def _additive_mask(attention_mask, query, key, is_causal):
+    """The float (B, 1, Sq, Sk) mask transformers' eager attention adds to the scores, from
+    what ``hf_attention_mask`` made: None (causal, bottom-right aligned), a (B, Sk) bool
+    padding mask, (B, S) int32 segment ids, or a 4-D bool mask."""
+    b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    device = query.device
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    causal = (j <= i) if is_causal or attention_mask is not None else torch.ones(sq, sk, dtype=torch.bool, device=device)
+    allowed = causal[None, None].expand(b, 1, sq, sk)
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dim() == 4:
+            if attention_mask.dtype != torch.bool:
+                return attention_mask  # already additive
+            allowed = attention_mask
+        elif attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask[:, None, None, :]
+        else:  # segment ids
+            allowed = allowed & (attention_mask[:, None, :, None] == attention_mask[:, None, None, :])
+    zero = torch.zeros((), dtype=query.dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(query.dtype).min)
+
+
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """``output_attentions=True``: the fused kernels never form the attention weights, so such
+    calls run the model's own eager attention, which returns them (as transformers does)."""
+    ATTENTION_CALLS["eager: output_attentions"] += 1
+    if "output_attentions" not in _WARNED:
+        _WARNED.add("output_attentions")
+        warnings.warn("llama_fast attention runs transformers' eager attention for output_attentions=True "
+                      "(the fused kernels do not form the attention weights)", stacklevel=3)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+    mask = _additive_mask(attention_mask, query, key, is_causal)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                          is_causal=None, **kwargs):
     """The attention function registered with ``AttentionInterface`` as "llama_fast"
-    (see the module docstring). Returns ((B, Sq, Hq, D), None): no attention weights."""
+    (see the module docstring). Returns ((B, Sq, Hq, D), None): no attention weights, but
+    for ``output_attentions=True``, which runs the eager attention and returns them."""
     from llama_fast.ops import flash_attn, flash_decode
 
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
+        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if dropout:
         raise ValueError(f"llama_fast attention has no dropout (got dropout={dropout}): set "
                          "config.attention_dropout = 0.0, or train with another attention implementation")
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     reason = _unserved(query, key, value, attention_mask, is_causal, kwargs)
     if reason is not None:
         return _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)

@@ -120,14 +120,16 @@ class RMSNorm(nn.Module):
 
 
 def _is_silu(fn) -> bool:
-    """nn.SiLU, or a parameterless callable that computes exactly F.silu (transformers'
-    SiLUActivation, for one): probed on a fixed float32 CPU tensor."""
-    if isinstance(fn, nn.SiLU):
+    """nn.SiLU (or transformers' SiLUActivation), decided from the type; else a parameterless
+    callable that computes exactly F.silu, probed on a fixed float32 CPU tensor."""
+    if isinstance(fn, nn.SiLU) or fn is F.silu or type(fn).__name__ == "SiLUActivation":
         return True
     if not callable(fn) or (isinstance(fn, nn.Module) and (any(True for _ in fn.parameters())
                                                           or any(True for _ in fn.buffers()))):
         return False
-    t = torch.linspace(-8.0, 8.0, 33)
+    # An explicit CPU device: under ``with torch.device("meta")`` (how FSDP2 and big-model
+    # loading build models) a default-device probe would be a meta tensor with no values.
+    t = torch.linspace(-8.0, 8.0, 33, device="cpu")
     try:
         with torch.no_grad():
             out = fn(t)

@@ -39,7 +39,10 @@ The table
               docstring says what they serve); ``unpatch`` restores the previous one.
 ``on_build``  for ``patch_transformers``: the ``post_init`` of ``source`` (the family's
               pre-trained base class, called at the end of every model's ``__init__``) is
-              wrapped so that each model built patches itself with the flags given.
+              wrapped so that each model built patches itself with the flags given, and its
+              ``__init__`` so that an attention implementation the user asked for
+              explicitly (``from_pretrained(..., attn_implementation=...)`` or
+              ``config._attn_implementation``) is kept: the other kinds are still patched.
 
 The reference model (family ``llama_fast_reference``)
 ----------------------------------------------------
@@ -449,7 +452,8 @@ def unpatch(model: nn.Module) -> PatchReport:
     # original handed its children back (share_into) gets the original children.
     for path, m in reversed(list(model.named_modules())):
         prev = m.__dict__.pop("_llama_fast_prev_attn", None)
-        if prev is not None:
+        # Only while ours is in force: a choice the user made since (set_attn_implementation) stays.
+        if prev is not None and m.config._attn_implementation == ATTN_IMPLEMENTATION:
             m.set_attn_implementation(prev)
             report.replaced.append(Change("attention", "config._attn_implementation", ATTN_IMPLEMENTATION, prev))
         for key, handles in m.__dict__.pop("_llama_fast_scopes", {}).items():
@@ -480,12 +484,34 @@ _BUILD: dict[str, dict] = {}  # on_build rule source -> {"cls", "own", "flags"}
 _MISSING = object()
 
 
+def _make_init(base_init):
+    """Records the attention implementation the config asked for before transformers fills in
+    its default: an explicit choice (``attn_implementation=`` of from_pretrained, or
+    ``config._attn_implementation`` set by the user) wins over ``patch_transformers``."""
+    def __init__(self, config, *args, **kwargs):
+        self.__dict__["_llama_fast_requested_attn"] = getattr(config, "_attn_implementation_internal", None)
+        base_init(self, config, *args, **kwargs)
+
+    __init__.__llama_fast_wrapper__ = True
+    return __init__
+
+
 def _make_post_init(source: str, base_post_init):
     def post_init(self, *args, **kwargs):
         result = base_post_init(self, *args, **kwargs)
         state = _BUILD.get(source)
         if state is not None:
-            report = patch(self, **state["flags"])
+            flags = dict(state["flags"])
+            requested = self.__dict__.pop("_llama_fast_requested_attn", None)
+            chosen = flags["attention"] and requested not in (None, ATTN_IMPLEMENTATION)
+            if chosen:
+                flags["attention"] = False
+            report = patch(self, **flags)
+            if chosen:
+                report.left_alone = [s for s in report.left_alone if s.kind != "attention"]
+                report.left_alone.append(Skip("attention", "config._attn_implementation",
+                                              f"the model was built with attn_implementation={requested!r}, an "
+                                              "explicit choice, which wins over patch_transformers"))
             for path, sub in self.named_modules():
                 sub_report = sub.__dict__.pop("_llama_fast_report", None) if sub is not self else None
                 if sub_report is not None:
@@ -514,9 +540,10 @@ def patch_transformers(*, rms_norm: bool = True, rope: bool = True, swiglu: bool
             _BUILD[rule.source]["flags"] = flags
         else:
             cls = _load(rule.source)
-            own = cls.__dict__.get("post_init", _MISSING)
+            own = {name: cls.__dict__.get(name, _MISSING) for name in ("post_init", "__init__")}
             _BUILD[rule.source] = {"cls": cls, "own": own, "flags": flags}
             cls.post_init = _make_post_init(rule.source, cls.post_init)
+            cls.__init__ = _make_init(cls.__init__)
         wrapped.append(rule.source)
     return wrapped
 
@@ -527,10 +554,11 @@ def unpatch_transformers() -> list[str]:
     restored = []
     for source, state in list(_BUILD.items()):
         cls = state["cls"]
-        if state["own"] is _MISSING:
-            del cls.post_init
-        else:
-            cls.post_init = state["own"]
+        for name, own in state["own"].items():
+            if own is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
         del _BUILD[source]
         restored.append(source)
     return restored
