@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
 from typing import Callable
 
 import torch

@@ -49,7 +49,9 @@ from llama_fast.bench.cases import CASES, DTYPES, GPU_SETTINGS, SMOKE_SETTINGS, 
 from llama_fast.bench.providers import (
     ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, import_reason, unavailable_reason,
 )
+from llama_fast.bench.report import Log, default_out_dir, new_report, resolve_commit, write_outputs
 from llama_fast.bench.rows import attn_row, bench_row, decode_row
+from llama_fast.bench.timing import measure_ceilings
 
 OP_ALIASES = {"rope": "apply_rope"}
 MEMORY_OPS = tuple(case["op"] for case in CASES)
@@ -442,9 +444,6 @@ def main(argv=None) -> int:
         return 2
     else:  # the Triton kernels under the interpreter (nothing has imported triton yet)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from llama_fast.bench.report import Log, default_out_dir, new_report, resolve_commit, write_outputs
-    from llama_fast.bench.timing import measure_ceilings
-
     device = torch.device("cuda" if on_gpu else "cpu")
     try:
         ops = canonical_ops(args.ops)

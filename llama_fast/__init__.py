@@ -20,7 +20,9 @@ Importing llama_fast imports torch but not triton: the Triton kernels load on fi
 """
 from llama_fast.backends import BackendUnavailableError, backend
 from llama_fast.info import info
-from llama_fast.model import ModelArgs, Transformer, generate, load_checkpoint
+from llama_fast.checkpoint import load_checkpoint
+from llama_fast.generation import generate
+from llama_fast.model import ModelArgs, Transformer
 from llama_fast.patching import patch, patch_transformers, unpatch, unpatch_transformers
 from llama_fast.ops import (
     add_rms_norm,

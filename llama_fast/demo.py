@@ -85,7 +85,8 @@ def _sync(device: torch.device) -> None:
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
-    from llama_fast.model import ModelArgs, Transformer, load_checkpoint
+    from llama_fast.checkpoint import load_checkpoint
+    from llama_fast.model import ModelArgs, Transformer
 
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
@@ -231,7 +232,7 @@ def time_variant(model, device, backend: str, batch: int, seq: int, new_tokens: 
 
 def generate_sample(model, tokenizer, device, backend: str, new_tokens: int) -> str:
     import llama_fast
-    from llama_fast.model import generate
+    from llama_fast.generation import generate
 
     if tokenizer is not None:
         prompt = tokenizer.encode(PROMPT, bos=True)

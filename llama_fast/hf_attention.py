@@ -5,10 +5,11 @@ transformers' Llama models (the ``attention`` row of ``llama_fast.patching.RULES
     hf_attention_forward   registered with transformers' ``AttentionInterface``
     hf_attention_mask      registered with transformers' ``AttentionMaskInterface``
 
-``patch`` registers both (``_register_hf_attention``) and switches the model's attention
-implementation; ``unpatch`` switches it back (see ``llama_fast.patching``). Which path served
-each call is counted in ``llama_fast.patching.ATTENTION_CALLS``. transformers is imported
-only when these functions run, and the kernels (``llama_fast.ops``) on first use.
+``patch`` registers both (``register``) and switches the model's attention implementation;
+``unpatch`` switches it back (see ``llama_fast.patching``). The kernel each call runs is
+chosen by ``llama_fast.attention_router`` (shared with the reference model's fused
+attention), which counts it in ``ATTENTION_CALLS``. transformers is imported only when
+these functions run (it is an optional dependency).
 
 Hugging Face extension points used (no copies of transformers' forward functions)
 ---------------------------------------------------------------------------------
@@ -60,14 +61,15 @@ import warnings
 
 import torch
 
-from llama_fast.patching import ATTENTION_CALLS, ATTN_IMPLEMENTATION, DECODE_MAX_QUERIES
+from llama_fast import attention_router as router
+from llama_fast.attention_router import ATTENTION_CALLS
 
-__all__ = ["hf_attention_forward", "hf_attention_mask"]
+__all__ = ["ATTN_IMPLEMENTATION", "hf_attention_forward", "hf_attention_mask", "register"]
 
-_WARNED: set[str] = set()  # SDPA fallback reasons already warned about (once each)
+ATTN_IMPLEMENTATION = "llama_fast"  # the name both functions are registered under
 
 
-def _register_hf_attention() -> None:
+def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -134,51 +136,21 @@ def _causal_segments(mask):
 def _sdpa(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    ATTENTION_CALLS[f"sdpa: {reason}"] += 1
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"llama_fast attention falls back to SDPA: {reason}", stacklevel=3)
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return router.fallback(reason, lambda: sdpa(module, query, key, value, attention_mask, dropout=dropout,
+                                                scaling=scaling, is_causal=is_causal, **kwargs))
 
 
 def _unserved(query, key, value, attention_mask, is_causal, kwargs) -> str | None:
-    from llama_fast.ops import MAX_HEAD_DIM, SUPPORTED_DTYPES
-
+    """Why the kernels cannot serve this call as transformers makes it, or None."""
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         return "a 4-D or custom attention mask (sliding window, bidirectional, user-made, or a static cache)"
     for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             return f"{name} is not supported by the llama_fast kernels"
-    if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
-        return f"dtypes q {query.dtype}, k {key.dtype}, v {value.dtype}"
-    d = query.shape[-1]
-    if key.shape[-1] != d or value.shape[-1] != d or not 1 <= d <= MAX_HEAD_DIM:
-        return f"head dims q {d}, k {key.shape[-1]}, v {value.shape[-1]} (must be equal, at most {MAX_HEAD_DIM})"
-    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-        return f"{query.shape[1]} query heads for {key.shape[1]} key heads"
     if attention_mask is None and is_causal and query.shape[2] > key.shape[2]:
         return "more queries than keys under a causal mask"
-    return None
-
-
-def _varlen(q, k, v, mask, scale):
-    """Attention of padded (B, S, H, D) tensors on the valid tokens of the 2-D mask."""
-    from llama_fast.ops.attention import padded_attention
-
-    kmask = mask.to(torch.bool)
-    return padded_attention(q, k, v, kmask[:, k.shape[1] - q.shape[1]:], kmask, softmax_scale=scale)
-
-
-def _packed(q, k, v, segments, scale):
-    """Causal attention within each run of equal segment ids of each row, (B, S, H, D)
-    tensors: every (row, segment) is one packed sequence, no gather needed."""
-    from llama_fast.ops.attention import packed_attention
-
-    b, s = segments.shape
-    row = torch.arange(b, device=segments.device, dtype=torch.int64)[:, None] * s
-    _, lengths = torch.unique_consecutive((row + segments).reshape(-1), return_counts=True)
-    return packed_attention(q, k, v, lengths, softmax_scale=scale)
+    return router.unserved(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
 
 def _additive_mask(attention_mask, query, key, is_causal):
@@ -208,8 +180,8 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
     """``output_attentions=True``: the fused kernels never form the attention weights, so such
     calls run the model's own eager attention, which returns them (as transformers does)."""
     ATTENTION_CALLS["eager: output_attentions"] += 1
-    if "output_attentions" not in _WARNED:
-        _WARNED.add("output_attentions")
+    if "output_attentions" not in router._WARNED:
+        router._WARNED.add("output_attentions")
         warnings.warn("llama_fast attention runs transformers' eager attention for output_attentions=True "
                       "(the fused kernels do not form the attention weights)", stacklevel=3)
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -224,8 +196,6 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout: flo
     """The attention function registered with ``AttentionInterface`` as "llama_fast"
     (see the module docstring). Returns ((B, Sq, Hq, D), None): no attention weights, but
     for ``output_attentions=True``, which runs the eager attention and returns them."""
-    from llama_fast.ops import flash_attn, flash_decode
-
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -238,20 +208,13 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout: flo
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
     b, sq = q.shape[:2]
     sk = k.shape[1]
-    if attention_mask is not None:  # as hf_attention_mask makes them: a mask means causal, whatever is_causal says
-        if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (b, sk):
-            ATTENTION_CALLS["flash_attn_varlen"] += 1
-            return _varlen(q, k, v, attention_mask, scaling), None
-        if attention_mask.dtype == torch.int32 and tuple(attention_mask.shape) == (b, sq) and sq == sk:
-            ATTENTION_CALLS["flash_attn_varlen (packed)"] += 1
-            return _packed(q, k, v, attention_mask, scaling), None
-        raise ValueError(f"llama_fast attention: a 2-D mask must be the bool (batch, keys)=({b}, {sk}) padding mask or "
-                         f"the int32 (batch, queries) segment ids of hf_attention_mask, got {attention_mask.dtype} "
-                         f"{tuple(attention_mask.shape)}")
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if is_causal and sq < sk and sq <= DECODE_MAX_QUERIES and not needs_grad:
-        ATTENTION_CALLS["flash_decode"] += 1
-        seqlens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-        return flash_decode(q, k, v, seqlens, softmax_scale=scaling), None
-    ATTENTION_CALLS["flash_attn"] += 1
-    return flash_attn(q, k, v, causal=is_causal, softmax_scale=scaling), None
+    if attention_mask is None:
+        return router.attend(q, k, v, causal=is_causal, scale=scaling), None
+    # As hf_attention_mask makes them: a mask means causal, whatever is_causal says.
+    if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (b, sk):
+        return router.attend(q, k, v, scale=scaling, q_valid=attention_mask[:, sk - sq:], k_valid=attention_mask), None
+    if attention_mask.dtype == torch.int32 and tuple(attention_mask.shape) == (b, sq) and sq == sk:
+        return router.attend(q, k, v, scale=scaling, segments=attention_mask), None
+    raise ValueError(f"llama_fast attention: a 2-D mask must be the bool (batch, keys)=({b}, {sk}) padding mask or "
+                     f"the int32 (batch, queries) segment ids of hf_attention_mask, got {attention_mask.dtype} "
+                     f"{tuple(attention_mask.shape)}")

@@ -17,15 +17,14 @@ def _version(dist: str) -> str | None:
 
 
 def _cuda_extension() -> dict:
-    """What the CUDA extension was built for, and what its backend routes to Triton."""
-    try:
-        from llama_fast import _C
-    except ImportError as exc:
-        return {"built": False, "reason": str(exc).splitlines()[0]}
-    from llama_fast import cuda_ops
-
-    return {"built": True, "cuda_archs": _C.cuda_archs, "nvcc": _C.nvcc_version,
-            "routed_to_triton": dict(cuda_ops.ROUTED)}
+    """What the CUDA extension was built for, and what the dispatcher routes to Triton."""
+    cuda = backends.get("cuda")
+    why = backends.backend_status("cuda")
+    if why is not None and "not built" in why:
+        return {"built": False, "reason": why}
+    ext = cuda.load_extension()
+    return {"built": True, "cuda_archs": getattr(ext, "cuda_archs", None), "nvcc": getattr(ext, "nvcc_version", None),
+            "routed_to_triton": {op: when for op, when in backends.routes()["cuda"].items() if op != "to"}}
 
 
 def info() -> dict:
@@ -42,7 +41,7 @@ def info() -> dict:
     status = {}
     for name in backends.BACKENDS:
         why = backends.backend_status(name)
-        ops = sorted(op for op, impls in backends.REGISTRY.items() if name in impls)
+        ops = sorted(backends.get(name).OPS)
         status[name] = {"available": why is None, "reason": why, "ops": ops}
     return {
         "llama_fast": _version("llama_fast"),
@@ -55,4 +54,5 @@ def info() -> dict:
         "gpu": gpu,
         "backend_choice": backends.current_backend(),
         "backends": status,
+        "routes": backends.routes(),
     }

@@ -5,16 +5,18 @@
     patch_transformers(...)             # every model of a family built from now on patches itself
     unpatch_transformers()              # ... and no longer
 
-Tested with transformers 5.24 and 5.17.0 (the GPU image's version): tests/test_patch_hf.py
-passes on both, on the CPU. transformers 4.x is not supported (other mask and cache APIs).
+Tested with transformers 5.10.4 to 5.25 (tests/test_patch_hf.py, on the CPU; scripts/test.sh
+runs the newest and the oldest). 5.0 and 4.x are not supported (other mask and cache APIs).
 transformers is optional: it is imported only when a model holding its classes is patched,
 or by ``patch_transformers``.
 
 The table
 ---------
 ``RULES`` is the one place that says what replaces what. A row is
-``Rule(family, kind, how, source, replacement, ...)`` with source and replacement written
-``"module.path:QualName"``; supporting another model family is adding rows. ``how`` is:
+``Rule(family, kind, how, source, replacement, ...)``: the source is written
+``"module.path:QualName"`` (transformers is optional, so its classes are named, not
+imported), the replacement is ours, by reference; supporting another model family is
+adding rows. ``how`` is:
 
 ``module``    instances of exactly the ``source`` class (subclasses are not matched: they may
               have changed ``forward``) are swapped for ``replacement.from_module(instance,
@@ -46,7 +48,8 @@ The table
 
 The reference model (family ``llama_fast_reference``)
 ----------------------------------------------------
-``llama_fast.model.Transformer`` is patched with ``module`` rows only (``llama_fast.nn``):
+``llama_fast.model.Transformer`` is patched with ``module`` rows only (``llama_fast.nn`` and
+``llama_fast.model_fused``):
 TransformerBlock -> MetaTransformerBlock (residual add + ffn_norm in one ``add_rms_norm``;
 under the ``rms_norm`` flag), RMSNorm -> RMSNorm, FeedForward -> SwiGLUMLP (Meta's names w1,
 w3, w2), Rotary -> MetaRotary (``apply_rope(interleaved=True)``), Attention -> MetaAttention
@@ -65,8 +68,14 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
+
+from llama_fast import hf_attention, nn as lfnn
+from llama_fast.attention_router import ATTENTION_CALLS, DECODE_MAX_QUERIES  # noqa: F401  (re-exported)
+from llama_fast.hf_attention import ATTN_IMPLEMENTATION
+from llama_fast.model_fused import MetaAttention, MetaRotary, MetaTransformerBlock
 
 __all__ = [
     "ATTENTION_CALLS",
@@ -82,11 +91,6 @@ __all__ = [
 ]
 
 KINDS = ("rms_norm", "rope", "swiglu", "attention")
-ATTN_IMPLEMENTATION = "llama_fast"
-DECODE_MAX_QUERIES = 16  # up to this many new tokens over a longer cache (no grad) use flash_decode
-# Attention path taken -> calls, for tests and debugging: llama_fast.hf_attention's keys, and
-# llama_fast.nn.MetaAttention's (starting with llama_fast.nn.META_CALLS_PREFIX).
-ATTENTION_CALLS: collections.Counter = collections.Counter()
 
 
 @dataclass(frozen=True)
@@ -97,40 +101,51 @@ class Rule:
                shares the instance's Parameters, or raising TypeError/ValueError (why not).
     function   a callable taking the original's arguments plus ``fallback=`` (the original),
                which it calls for inputs it does not serve.
-    attention  the attention function registered under ATTN_IMPLEMENTATION; its module's
-               ``_register_hf_attention()`` registers it (``llama_fast.hf_attention``).
+    attention  the module whose ``register()`` registers the attention and mask functions
+               under ATTN_IMPLEMENTATION (``llama_fast.hf_attention``).
     """
 
     family: str
     kind: str  # one of KINDS (the patch() flag that enables it), or "build"
     how: str  # "module" | "function" | "attention" | "on_build"
     source: str  # "module.path:QualName" of what is replaced
-    replacement: str = ""  # "module.path:QualName" of what replaces it
+    replacement: object = None  # what replaces it
     options: tuple = ()  # (name, value) pairs passed to replacement.from_module
     scope: str | None = None  # function rules: the class inside whose forward the swap is active
-    requires: str | None = None  # "module:function", f(model) -> reason to leave this alone, or None
+    requires: Callable | None = None  # f(model) -> reason to leave this alone, or None
 
 
 _HF_LLAMA = "transformers.models.llama.modeling_llama"
 _REF = "llama_fast.model"
 
+
+def _hf_llama_rope_tables(model: nn.Module) -> str | None:
+    """The fused rope reads only the first half of cos/sin: fine for LlamaRotaryEmbedding,
+    which always builds cat((freqs, freqs)); anything else, we cannot vouch for."""
+    for path, m in model.named_modules():
+        name = type(m).__qualname__
+        if name.endswith("RotaryEmbedding") and _qualname(type(m)) != f"{_HF_LLAMA}:LlamaRotaryEmbedding":
+            return f"{path or '<model>'} is a {_qualname(type(m))}, not LlamaRotaryEmbedding (halves of cos/sin not known equal)"
+    return None
+
+
 RULES: tuple[Rule, ...] = (
-    Rule("hf_llama", "rms_norm", "module", f"{_HF_LLAMA}:LlamaRMSNorm", "llama_fast.nn:RMSNorm"),
-    Rule("hf_llama", "swiglu", "module", f"{_HF_LLAMA}:LlamaMLP", "llama_fast.nn:SwiGLUMLP",
+    Rule("hf_llama", "rms_norm", "module", f"{_HF_LLAMA}:LlamaRMSNorm", lfnn.RMSNorm),
+    Rule("hf_llama", "swiglu", "module", f"{_HF_LLAMA}:LlamaMLP", lfnn.SwiGLUMLP,
          options=(("names", ("gate_proj", "up_proj", "down_proj")), ("act", "act_fn"))),
-    Rule("hf_llama", "rope", "function", f"{_HF_LLAMA}:apply_rotary_pos_emb", "llama_fast.nn:apply_rotary_pos_emb",
-         scope=f"{_HF_LLAMA}:LlamaAttention", requires="llama_fast.patching:_hf_llama_rope_tables"),
-    Rule("hf_llama", "attention", "attention", f"{_HF_LLAMA}:LlamaAttention", "llama_fast.hf_attention:hf_attention_forward"),
+    Rule("hf_llama", "rope", "function", f"{_HF_LLAMA}:apply_rotary_pos_emb", lfnn.apply_rotary_pos_emb,
+         scope=f"{_HF_LLAMA}:LlamaAttention", requires=_hf_llama_rope_tables),
+    Rule("hf_llama", "attention", "attention", f"{_HF_LLAMA}:LlamaAttention", hf_attention),
     Rule("hf_llama", "build", "on_build", f"{_HF_LLAMA}:LlamaPreTrainedModel"),
     # llama_fast's own reference Llama 3 (llama_fast.model). The block is matched first and
     # its children after, inside the replacement block (patch walks the tree as it changes).
     # The block's swap is what fuses the residual add with ffn_norm (add_rms_norm): a norm kind.
-    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:TransformerBlock", "llama_fast.nn:MetaTransformerBlock"),
-    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:RMSNorm", "llama_fast.nn:RMSNorm"),
-    Rule("llama_fast_reference", "swiglu", "module", f"{_REF}:FeedForward", "llama_fast.nn:SwiGLUMLP",
+    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:TransformerBlock", MetaTransformerBlock),
+    Rule("llama_fast_reference", "rms_norm", "module", f"{_REF}:RMSNorm", lfnn.RMSNorm),
+    Rule("llama_fast_reference", "swiglu", "module", f"{_REF}:FeedForward", lfnn.SwiGLUMLP,
          options=(("names", ("w1", "w3", "w2")), ("act", None))),
-    Rule("llama_fast_reference", "rope", "module", f"{_REF}:Rotary", "llama_fast.nn:MetaRotary"),
-    Rule("llama_fast_reference", "attention", "module", f"{_REF}:Attention", "llama_fast.nn:MetaAttention"),
+    Rule("llama_fast_reference", "rope", "module", f"{_REF}:Rotary", MetaRotary),
+    Rule("llama_fast_reference", "attention", "module", f"{_REF}:Attention", MetaAttention),
 )
 
 
@@ -211,6 +226,10 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _name(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
 def _load(target: str):
     module, _, attr = target.partition(":")
     obj = importlib.import_module(module)
@@ -228,16 +247,6 @@ def _why_not_swappable(m: nn.Module) -> str | None:
         return "its forward is overridden on the instance (accelerate offloading or another patcher?)"
     if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
         return "it has hooks, which a swapped module would not carry"
-    return None
-
-
-def _hf_llama_rope_tables(model: nn.Module) -> str | None:
-    """The fused rope reads only the first half of cos/sin: fine for LlamaRotaryEmbedding,
-    which always builds cat((freqs, freqs)); anything else, we cannot vouch for."""
-    for path, m in model.named_modules():
-        name = type(m).__qualname__
-        if name.endswith("RotaryEmbedding") and _qualname(type(m)) != f"{_HF_LLAMA}:LlamaRotaryEmbedding":
-            return f"{path or '<model>'} is a {_qualname(type(m))}, not LlamaRotaryEmbedding (halves of cos/sin not known equal)"
     return None
 
 
@@ -271,7 +280,7 @@ def _install_function(rule: Rule) -> None:
     current = getattr(module, name)
     if current is _DISPATCHERS.get(key):
         return
-    original, fused = current, _load(rule.replacement)
+    original, fused = current, rule.replacement
     flag = _flag(key)
 
     @functools.wraps(original)
@@ -367,7 +376,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                     why = _why_not_swappable(child)
                     if why is None and id(child) not in made:
                         try:
-                            made[id(child)] = _load(rule.replacement).from_module(child, **dict(rule.options))
+                            made[id(child)] = rule.replacement.from_module(child, **dict(rule.options))
                         except (TypeError, ValueError) as e:
                             why = str(e)
                     if why is not None:
@@ -393,7 +402,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         matched = True
         if not enabled[rule.kind]:
             continue
-        why = _load(rule.requires)(model) if rule.requires else None
+        why = rule.requires(model) if rule.requires else None
         if why is not None:
             report.left_alone.append(Skip(rule.kind, rule.source, why))
             continue
@@ -402,14 +411,14 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         for path, m in scopes:
             handles = m.__dict__.setdefault("_llama_fast_scopes", {})
             if rule.source in handles:
-                report.already.append(Change(rule.kind, path, fn, rule.replacement))
+                report.already.append(Change(rule.kind, path, fn, _name(rule.replacement)))
                 continue
             handles[rule.source] = (
                 m.register_forward_pre_hook(functools.partial(_enter, _flag(rule.source))),
                 m.register_forward_hook(functools.partial(_exit, _flag(rule.source)), always_call=True),
             )
             _SCOPES[rule.source].add(m)
-            report.replaced.append(Change(rule.kind, path, fn, f"{rule.replacement} (inside this module's forward)"))
+            report.replaced.append(Change(rule.kind, path, fn, f"{_name(rule.replacement)} (inside this module's forward)"))
 
     # attention rules: select the registered attention implementation
     for rule in (r for r in rules if r.how == "attention"):
@@ -422,7 +431,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         if not hasattr(model, "set_attn_implementation") or config is None:
             report.left_alone.append(Skip(rule.kind, "", "not a transformers PreTrainedModel (patch the model that owns the config)"))
             continue
-        importlib.import_module(rule.replacement.partition(":")[0])._register_hf_attention()
+        rule.replacement.register()
         current = config._attn_implementation
         if current == ATTN_IMPLEMENTATION:
             report.already.append(Change(rule.kind, "config._attn_implementation", str(current), ATTN_IMPLEMENTATION))
@@ -466,9 +475,7 @@ def unpatch(model: nn.Module) -> PatchReport:
         for name, (kind, original) in m.__dict__.pop("_llama_fast_originals", {}).items():
             current = m._modules.get(name)
             if current is not None:
-                from llama_fast.nn import share_into
-
-                share_into(original, current)
+                lfnn.share_into(original, current)
             m._modules[name] = original
             report.replaced.append(Change(kind, _join(path, name), type(current).__name__, type(original).__name__))
         m.__dict__.pop("_llama_fast_report", None)

@@ -4,8 +4,10 @@ torch._inductor do), so this runs first, at collection.
 
 Without CUDA, the CUDA C++ kernels run too: under the CPU emulator of tests/cuda_emulator
 (the same csrc/ sources compiled as host C++), built here once (cached under
-build/cuda_emulator) and named by LLAMA_FAST_CUDA_EMULATOR before tests/_helpers.py asks
-which backends can run. LLAMA_FAST_NO_EMULATOR=1 skips it; a failed build fails the run."""
+build/cuda_emulator) and registered as the "cuda" backend (a test-only one, on CPU
+tensors, never picked by auto) before tests/_helpers.py asks which backends can run.
+LLAMA_FAST_NO_EMULATOR=1 skips it; a failed build fails the run. The ``installed_cuda``
+fixture puts the package's own cuda backend back for a test."""
 import importlib.util
 import os
 import sys
@@ -15,25 +17,35 @@ from pathlib import Path
 import torch
 
 
-def emulator_build_module():
-    """tests/cuda_emulator/build.py, imported under a name no installed package uses."""
-    name = "llama_fast_cuda_emulator_build"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "cuda_emulator" / "build.py")
+def emulator_module(name: str):
+    """tests/cuda_emulator/<name>.py, imported under a name no installed package uses."""
+    full = f"llama_fast_cuda_emulator_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, Path(__file__).parent / "cuda_emulator" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[full] = module
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[full]
 
 
+def emulator_build_module():
+    return emulator_module("build")
+
+
+EMULATOR_PATH = None  # the built emulator module, when it stands in for the cuda backend
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ.get("LLAMA_FAST_NO_EMULATOR", "0") in ("", "0") and not os.environ.get("LLAMA_FAST_CUDA_EMULATOR"):
-        os.environ["LLAMA_FAST_CUDA_EMULATOR"] = str(emulator_build_module().build())  # raises (loudly) when it fails
+    if os.environ.get("LLAMA_FAST_NO_EMULATOR", "0") in ("", "0"):
+        EMULATOR_PATH = str(emulator_build_module().build())  # raises (loudly) when it fails
 
 import pytest  # noqa: E402
 
-from llama_fast import _alloc  # noqa: E402
+from llama_fast import _alloc, backends  # noqa: E402
+
+INSTALLED_CUDA = backends.get("cuda")
+EMULATED_CUDA = emulator_module("backend").EmulatedCudaBackend(EMULATOR_PATH) if EMULATOR_PATH else None
+if EMULATED_CUDA is not None:
+    backends.register(EMULATED_CUDA)
 
 # Fresh inputs every run; the seed is printed in the header so a failure can be replayed
 # with LLAMA_FAST_TEST_SEED=<seed>.
@@ -47,9 +59,9 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0")
-    emulator = os.environ.get("LLAMA_FAST_CUDA_EMULATOR", "")
+    emulator = EMULATOR_PATH or ""
     return (f"llama_fast: LLAMA_FAST_TEST_SEED={RUN_SEED}, TRITON_INTERPRET={interp}, cuda={torch.cuda.is_available()}, "
-            f"LLAMA_FAST_CUDA_EMULATOR={emulator or '(off)'}")
+            f"cuda emulator={emulator or '(off)'}")
 
 
 # Tests of the real extension and of the benchmarks, which must not see the emulator (it
@@ -60,10 +72,24 @@ WITHOUT_EMULATOR = {"test_cuda_backend", "test_bench", "test_gpu_check"}
 @pytest.fixture(autouse=True, scope="module")
 def emulator_only_for_kernel_tests(request):
     """Module scope: before the modules' own module-scoped fixtures (which run benchmarks)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if request.module.__name__ in WITHOUT_EMULATOR:
-            mp.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)
+    if EMULATED_CUDA is not None and request.module.__name__ in WITHOUT_EMULATOR:
+        backends.register(INSTALLED_CUDA)
+        try:
+            yield
+        finally:
+            backends.register(EMULATED_CUDA)
+    else:
         yield
+
+
+@pytest.fixture
+def installed_cuda():
+    """The package's own cuda backend for this test (not the CPU emulator)."""
+    backends.register(INSTALLED_CUDA)
+    try:
+        yield INSTALLED_CUDA
+    finally:
+        backends.register(EMULATED_CUDA or INSTALLED_CUDA)
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ GQA_RATIOS = [1, 2, 4, 8]
 def implementing(*ops: str) -> list[str]:
     """The runnable backends that implement every one of ``ops`` (evaluated at collection,
     so a kernel added to the registry is tested without editing this file)."""
-    return [b for b in BACKENDS if all(b in backends.REGISTRY[op] for op in ops)]
+    return [b for b in BACKENDS if all(op in backends.get(b).OPS or b in backends.ROUTES for op in ops)]
 
 
 ATTN = implementing("attn_fwd", "attn_bwd")
@@ -315,8 +315,8 @@ def test_backward_runs_on_the_forced_backend(backend, monkeypatch):
     served = []
     pick = backends.pick
 
-    def spy(op, device):
-        served.append((op, pick(op, device)))
+    def spy(op, device, args=()):
+        served.append((op, pick(op, device, args)))
         return served[-1][1]
 
     monkeypatch.setattr(backends, "pick", spy)
@@ -730,7 +730,7 @@ def test_device_mix():
 
 # ---------------------------------------------------------------------------------------
 # The cuda backend's own kernels. On the CPU the cases above use small head dims and
-# float32, which the cuda backend routes to Triton (cuda_ops.ROUTED); these reach its
+# float32, which the cuda backend routes to Triton (the dispatcher's ROUTES); these reach its
 # kernels (flash_attn: 16-bit dtypes, head dims 64 and 128; flash_decode: any head dim up
 # to 256, up to 64 query rows per kv head) across their tile boundaries: on a GPU, or on
 # the CPU under the emulator of the CUDA kernels (tests/cuda_emulator, see conftest.py).

@@ -9,20 +9,33 @@ from llama_fast import backends
 from _helpers import DEVICE
 
 
-def test_every_op_has_a_torch_reference():
-    for op, impls in backends.REGISTRY.items():
-        assert "torch" in impls, op
-        for name in impls:
-            assert name in backends.BACKENDS, (op, name)
+def test_every_op_has_a_torch_reference_and_every_backend_is_registered():
+    assert set(backends.get("torch").OPS) == set(backends.OPS)
+    assert [backends.get(name).name for name in backends.BACKENDS] == list(backends.BACKENDS)
+    for name in backends.BACKENDS:
+        assert backends.get(name).OPS <= set(backends.OPS), name
 
 
-def test_registry_entries_import():
-    """Every registered implementation exists (importing Triton needs no GPU)."""
-    for op, impls in backends.REGISTRY.items():
-        for name in impls:
-            if name == "cuda" and backends.backend_status("cuda"):
-                continue  # the extension is not built here; backend_status says why
-            assert callable(backends.implementation(op, name)), (op, name)
+def test_every_backend_loads_what_it_declares():
+    """Each backend's implementations exist (importing Triton needs no GPU)."""
+    for name in backends.BACKENDS:
+        if backends.backend_status(name):
+            continue  # not installed here (the CUDA extension); backend_status says why
+        impls = backends.get(name).ops()
+        assert set(impls) == set(backends.get(name).OPS) and all(map(callable, impls.values())), name
+
+
+def test_what_the_cuda_kernels_do_not_cover_is_routed_to_triton():
+    """The routing rule, in the dispatcher: the attention backward (no cuda kernel) and a
+    float32 or odd-head-dim forward (the kernels' gap) go to triton; info() says so."""
+    cuda = backends.get("cuda")
+    assert backends.ROUTES == {"cuda": "triton"}
+    assert "attn_bwd" not in cuda.OPS and "attn_fwd" in cuda.OPS
+    q = torch.empty(1, 4, 2, 96, dtype=torch.bfloat16)
+    assert cuda.gap("attn_fwd", (q,)) is not None and cuda.gap("attn_fwd", (q[..., :64],)) is None
+    assert cuda.gap("attn_fwd", (q[..., :64].float(),)) is not None
+    routes = llama_fast.info()["routes"]["cuda"]
+    assert routes["to"] == "triton" and {"attn_bwd", "attn_fwd", "decode"} <= set(routes)
 
 
 def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
@@ -74,8 +87,7 @@ def test_bad_backend_names_are_refused(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="needs the CPU as the test device")
-def test_forced_backends_refuse_what_they_cannot_serve(monkeypatch):
-    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)  # the CPU emulator accepts CPU tensors
+def test_forced_backends_refuse_what_they_cannot_serve(monkeypatch, installed_cuda):  # the CPU emulator would accept them
     x, w = torch.randn(2, 4), torch.randn(4)
     with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError, match="backend 'cuda' cannot serve"):
         llama_fast.rms_norm(x, w)
@@ -89,7 +101,7 @@ def test_info_reports_versions_and_backends():
     assert report["torch"] == torch.__version__
     assert report["triton"] is not None
     assert set(report["backends"]) == set(backends.BACKENDS)
-    assert report["backends"]["torch"] == {"available": True, "reason": None, "ops": sorted(backends.REGISTRY)}
+    assert report["backends"]["torch"] == {"available": True, "reason": None, "ops": sorted(backends.OPS)}
     for name, status in report["backends"].items():
         # Either available or a reason why not: never silent.
         assert status["available"] == (status["reason"] is None), name
@@ -110,7 +122,7 @@ def test_backward_runs_on_the_backend_the_forward_ran_on(monkeypatch):
     it must still use the backend that was forced for the forward."""
     picked = []
     real_pick = backends.pick
-    monkeypatch.setattr(backends, "pick", lambda op, device: picked.append((op, real_pick(op, device))) or picked[-1][1])
+    monkeypatch.setattr(backends, "pick", lambda op, device, args=(): picked.append((op, real_pick(op, device, args))) or picked[-1][1])
     x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, device=DEVICE, requires_grad=True)
     with llama_fast.backend("torch"):

@@ -91,11 +91,12 @@ def test_call_without_gpu_raises_clearly():
 
 @needs_extension
 def test_wrappers_reject_cpu_tensors_by_name():
-    from llama_fast import cuda_ops
+    from llama_fast.backends.cuda_kernels import CudaKernels
 
     x = torch.randn(3, 8)
+    kernels = CudaKernels(backends.get("cuda").load_extension())
     with pytest.raises(ValueError, match="swiglu: gate must be a CUDA tensor"):
-        cuda_ops.swiglu_fwd(x, x)
+        kernels.swiglu_fwd(x, x)
 
 
 @cpu_only
@@ -109,11 +110,14 @@ def test_auto_falls_back_when_the_extension_is_missing(monkeypatch):
     """A GPU machine where llama_fast._C failed to build: auto serves every op with triton,
     and a forced cuda backend names the reason."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    real = backends._import_status
-    monkeypatch.setattr(backends, "_import_status",
-                        lambda module: "ImportError: no module named _C" if module == "llama_fast._C" else real(module))
+
+    def not_built():
+        raise ImportError("no module named _C")
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register(backends.CudaBackend(load_extension=not_built))
     cuda = torch.device("cuda", 0)
-    for op in backends.REGISTRY:
+    for op in backends.OPS:
         assert backends.pick(op, cuda) == "triton"
     assert "not built" in backends.backend_status("cuda")
     with llama_fast.backend("cuda"), pytest.raises(backends.BackendUnavailableError, match="not built"):
@@ -121,10 +125,10 @@ def test_auto_falls_back_when_the_extension_is_missing(monkeypatch):
 
 
 def test_auto_order_lists_every_op_and_backend():
-    assert set(backends.AUTO_ORDER_CUDA) == set(backends.REGISTRY)
+    assert set(backends.AUTO_ORDER_CUDA) == set(backends.OPS)
     for op, order in backends.AUTO_ORDER_CUDA.items():
         assert set(order) == set(backends.BACKENDS), op
-        assert "cuda" in backends.REGISTRY[op], f"{op} has no cuda entry"
+        assert op in backends.get("cuda").OPS or "cuda" in backends.ROUTES, f"{op} has no cuda kernel and no route"
 
 
 def _setup_py_output(env_changes: dict) -> str:
@@ -167,7 +171,8 @@ def test_sdist_carries_the_cuda_sources(tmp_path):
 @gpu_only
 @needs_extension
 def test_kernel_errors_name_the_kernel():
-    from llama_fast import _C, cuda_ops
+    from llama_fast import _C
+    from llama_fast.backends.cuda_kernels import CudaKernels
 
     q = torch.randn(1, 4, 2, 96, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(1, 2, 4, device="cuda")
@@ -175,7 +180,7 @@ def test_kernel_errors_name_the_kernel():
         _C.attn_fwd(q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=lse.data_ptr(), cu_q=0,
                     cu_k=0, batch=1, q_heads=2, kv_heads=2, seq_q=4, seq_k=4, head_dim=96, q_stride=q.stride()[:3],
                     k_stride=q.stride()[:3], v_stride=q.stride()[:3], o_stride=q.stride()[:3], lse_stride=(8, 4),
-                    scale=0.1, causal=True, dtype=2, **cuda_ops._launch(q))
+                    scale=0.1, causal=True, dtype=2, **CudaKernels(_C).launch(q))
     torch.cuda.synchronize()  # the guard threw before any launch: the context is healthy
 
 

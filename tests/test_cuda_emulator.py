@@ -5,7 +5,6 @@ through them or hanging. The kernels' numerics under the emulator are tested by 
 tests, which run the cuda backend on CPU tensors when the emulator is on (conftest.py)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,12 +50,12 @@ def test_planted_bugs_are_caught(tmp_path_factory):
         assert any(line.startswith("ok") and what in line for line in lines), f"missing check: {what}"
 
 
-@pytest.mark.skipif(not os.environ.get("LLAMA_FAST_CUDA_EMULATOR"), reason="the emulator is off (GPU machine or LLAMA_FAST_NO_EMULATOR=1)")
+@pytest.mark.skipif(backends.get("cuda").auto, reason="the emulator is off (GPU machine or LLAMA_FAST_NO_EMULATOR=1)")
 def test_emulator_serves_the_cuda_backend_on_cpu_only_when_forced():
     cpu = torch.device("cpu")
     assert backends.backend_status("cuda") is None
     assert backends.device_reason("cuda", cpu) is None
-    for op in backends.REGISTRY:
+    for op in backends.OPS:
         assert backends.pick(op, cpu) != "cuda", "auto must not pick the emulator"
-    module = backends.load_cuda_emulator(os.environ["LLAMA_FAST_CUDA_EMULATOR"])
+    module = backends.get("cuda").load_extension()
     assert module.cuda_archs == "emulated"

@@ -1,5 +1,5 @@
 """The flash-decoding kernels, Triton (``llama_fast.kernels.flash_decode``) and CUDA
-(``llama_fast.cuda_ops.decode``, on a GPU with the extension built), against a float64
+(the cuda backend's decode, on a GPU with the extension built), against a float64
 reference written here: GQA/MQA/MHA, head dims, Sq 1 and 4, cache lengths from 0 to Smax,
 explicit and chosen split counts (more splits than key blocks included), NaN beyond the
 valid length, strided caches, and the launch heuristics (shapes only, never lengths).
@@ -33,9 +33,7 @@ def _fd():
 def _decoder(impl: str):
     if impl == "triton":
         return _fd().decode
-    from llama_fast import cuda_ops
-
-    return cuda_ops.decode
+    return backends.get("cuda").ops()["decode"]
 
 
 _CUDA_WHY = backends.device_reason("cuda", DEVICE)
@@ -178,7 +176,7 @@ def test_strided_inputs(impl, layout):
 
 def test_public_op_dispatches_to_the_triton_kernel():
     q, k, v, seqlens = make_inputs(2, 1, 8, 2, 64, 100, [100, 9], torch.bfloat16)
-    assert backends.REGISTRY["decode"]["triton"] == "llama_fast.kernels.flash_decode:decode"
+    assert backends.get("triton").ops()["decode"] is _fd().decode
     with llama_fast.backend("triton"):
         out = llama_fast.flash_decode(q, k, v, seqlens, num_splits=2)
     assert_close(out, reference(q, k, v, seqlens.cpu(), 1 / 8), torch.bfloat16, "out")

@@ -15,14 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_fast.model import (
-    CONFIGS,
-    ModelArgs,
-    Transformer,
-    _scaled_rope_factor,
-    generate,
-    load_checkpoint,
-)
+from llama_fast.checkpoint import _scaled_rope_factor, load_checkpoint
+from llama_fast.generation import generate
+from llama_fast.model import CONFIGS, ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 

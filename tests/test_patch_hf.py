@@ -409,7 +409,7 @@ def test_custom_4d_mask_falls_back_to_sdpa(pair):
     allowed = torch.rand(2, 1, 8, 8) > 0.3
     allowed |= torch.eye(8, dtype=torch.bool)  # every query sees itself
     with llama_fast.backend("torch"), torch.no_grad(), pytest.warns(UserWarning, match="SDPA"):
-        lfha._WARNED.clear()
+        importlib.import_module("llama_fast.attention_router")._WARNED.clear()
         got = model(ids, attention_mask=allowed).logits
     with torch.no_grad():
         expected = ref(ids, attention_mask=allowed).logits

@@ -111,7 +111,7 @@ def test_output_attentions_returns_the_weights(padded):
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :3] = 0
-    importlib.import_module("llama_fast.hf_attention")._WARNED.discard("output_attentions")
+    importlib.import_module("llama_fast.attention_router")._WARNED.discard("output_attentions")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model(ids, attention_mask=mask, output_attentions=True)

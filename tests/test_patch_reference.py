@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 import llama_fast
 from llama_fast import model as ref_model
-from llama_fast.model import ModelArgs, Transformer, generate
+from llama_fast.generation import generate
+from llama_fast.model import ModelArgs, Transformer
 
 lfnn = importlib.import_module("llama_fast.nn")
 lfp = importlib.import_module("llama_fast.patching")
+lfmf = importlib.import_module("llama_fast.model_fused")
 
 VOCAB = 64
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +65,11 @@ def pair():
 
 
 def calls(name: str) -> int:
-    return lfp.ATTENTION_CALLS[lfnn.META_CALLS_PREFIX + name]
+    return lfp.ATTENTION_CALLS[lfmf.META_CALLS_PREFIX + name]
 
 
 def sdpa_calls() -> int:
-    return sum(n for k, n in lfp.ATTENTION_CALLS.items() if k.startswith(lfnn.META_CALLS_PREFIX + "sdpa"))
+    return sum(n for k, n in lfp.ATTENTION_CALLS.items() if k.startswith(lfmf.META_CALLS_PREFIX + "sdpa"))
 
 
 def assert_close(got, want, what, tol=5e-5):
@@ -89,9 +91,9 @@ def test_rules_and_report(pair):
     assert report.counts == {"rms_norm": 3 * n + 1, "rope": n, "swiglu": n, "attention": n}
     assert not report.left_alone, str(report)
     for layer in model.layers:
-        assert type(layer) is lfnn.MetaTransformerBlock
-        assert type(layer.attention) is lfnn.MetaAttention
-        assert type(layer.attention.rotary) is lfnn.MetaRotary
+        assert type(layer) is lfmf.MetaTransformerBlock
+        assert type(layer.attention) is lfmf.MetaAttention
+        assert type(layer.attention.rotary) is lfmf.MetaRotary
         assert type(layer.feed_forward) is lfnn.SwiGLUMLP
         assert type(layer.attention_norm) is type(layer.ffn_norm) is lfnn.RMSNorm
     assert type(model.norm) is lfnn.RMSNorm
@@ -186,14 +188,14 @@ def test_decode_step_under_capture_reads_nothing_on_the_host(pair, monkeypatch):
         prompt, start = torch.randint(0, VOCAB, (2, 4)), torch.arange(4)[None].expand(2, 4)
         ref(prompt, start), model(prompt, start)
         model(tok, pos)  # warm-up
-        monkeypatch.setattr(lfnn, "_capturing", lambda p: True)
+        monkeypatch.setattr(lfmf, "_capturing", lambda p: True)
         monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("a host sync while capturing"))
         pos.fill_(4)  # a new version of the same tensor, as a graph's static input gets
         got = model(tok, pos)
         monkeypatch.undo()
         assert_close(got, ref(tok, pos), "decode step under capture")
         with pytest.raises(RuntimeError, match="warm-up"):
-            monkeypatch.setattr(lfnn, "_capturing", lambda p: True)
+            monkeypatch.setattr(lfmf, "_capturing", lambda p: True)
             model(tok, pos.clone())
 
 
@@ -277,7 +279,7 @@ def test_patch_flags_and_partial_patch():
     try:
         assert report.counts == {"rms_norm": 0, "rope": 2, "swiglu": 2, "attention": 0}
         assert type(model.layers[0]) is ref_model.TransformerBlock
-        assert type(model.layers[0].attention.rotary) is lfnn.MetaRotary
+        assert type(model.layers[0].attention.rotary) is lfmf.MetaRotary
     finally:
         llama_fast.unpatch(model)
     assert type(model.layers[0].attention.rotary) is ref_model.Rotary

@@ -190,8 +190,7 @@ def test_bad_inputs_raise_clear_errors(call, exc, pattern):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="needs a CPU tensor")
-def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
-    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)  # the CPU emulator accepts them
+def test_cuda_backend_refuses_cpu_tensors(monkeypatch, installed_cuda):  # the CPU emulator would accept them
     with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError, match="cuda"):
         llama_fast.rms_norm(_t(2, 4), _t(4))
 

@@ -366,8 +366,7 @@ def _cpu_rope_call():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="needs the CPU as test device")
-def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
-    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)  # the CPU emulator accepts them
+def test_cuda_backend_refuses_cpu_tensors(monkeypatch, installed_cuda):  # the CPU emulator would accept them
     call = _cpu_rope_call()
     with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError, match="cuda"):
         call()

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from llama_fast.backends import dispatch
+from llama_fast.backends import run
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
@@ -64,14 +64,14 @@ def _host_checks_allowed() -> bool:
 
 @torch.library.custom_op("llama_fast::flash_attn", mutates_args=())
 def _flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    return dispatch("attn_fwd", q.device)(q, k, v, causal, scale)
+    return run("attn_fwd", q.device, q, k, v, causal, scale)
 
 
 @torch.library.custom_op("llama_fast::flash_attn_backward", mutates_args=())
 def _flash_attn_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch("attn_bwd", q.device)(dout, q, k, v, out, lse, causal, scale)
+    return run("attn_bwd", q.device, dout, q, k, v, out, lse, causal, scale)
 
 
 @_flash_attn.register_fake
@@ -124,7 +124,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, softmax_
 @torch.library.custom_op("llama_fast::flash_attn_varlen", mutates_args=())
 def _flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                        causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    return dispatch("attn_varlen_fwd", q.device)(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    return run("attn_varlen_fwd", q.device, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
 @torch.library.custom_op("llama_fast::flash_attn_varlen_backward", mutates_args=())
@@ -132,7 +132,7 @@ def _flash_attn_varlen_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     max_q: int, max_k: int, causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch("attn_varlen_bwd", q.device)(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+    return run("attn_varlen_bwd", q.device, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
 @_flash_attn_varlen.register_fake
@@ -243,7 +243,7 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, q_valid: Tensor, k_valid: 
 @torch.library.custom_op("llama_fast::flash_decode", mutates_args=())
 def _flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
                   num_splits: int) -> Tensor:
-    return dispatch("decode", q.device)(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    return run("decode", q.device, q, k_cache, v_cache, cache_seqlens, scale, num_splits)
 
 
 @_flash_decode.register_fake

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llama_fast.backends import dispatch
+from llama_fast.backends import run
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
@@ -33,19 +33,19 @@ def _check_norm_args(x: Tensor, weight: Tensor, eps: float) -> None:
 
 @torch.library.custom_op("llama_fast::rms_norm", mutates_args=())
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return dispatch("rms_norm_fwd", x.device)(x, None, weight, eps)[0]
+    return run("rms_norm_fwd", x.device, x, None, weight, eps)[0]
 
 
 @torch.library.custom_op("llama_fast::add_rms_norm", mutates_args=())
 def _add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return dispatch("rms_norm_fwd", x.device)(x, residual, weight, eps)
+    return run("rms_norm_fwd", x.device, x, residual, weight, eps)
 
 
 @torch.library.custom_op("llama_fast::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(
     dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    return dispatch("rms_norm_bwd", h.device)(dy, dh, h, weight, eps)
+    return run("rms_norm_bwd", h.device, dy, dh, h, weight, eps)
 
 
 def _norm_out(x: Tensor, weight: Tensor) -> Tensor:

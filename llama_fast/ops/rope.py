@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from llama_fast.backends import dispatch
+from llama_fast.backends import run
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
@@ -57,7 +57,7 @@ def rope_cos_sin(
 
 @torch.library.custom_op("llama_fast::rope", mutates_args=())
 def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool) -> tuple[Tensor, Tensor]:
-    return dispatch("rope_fwd", q.device)(q, k, cos, sin, interleaved, inverse)
+    return run("rope_fwd", q.device, q, k, cos, sin, interleaved, inverse)
 
 
 @_rope.register_fake

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from llama_fast import _alloc
-from llama_fast.backends import dispatch
+from llama_fast.backends import run
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
@@ -13,20 +13,20 @@ from ._checks import check_same, check_tensor
 
 @torch.library.custom_op("llama_fast::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    return dispatch("swiglu_fwd", gate.device)(gate, up)
+    return run("swiglu_fwd", gate.device, gate, up)
 
 
 @torch.library.custom_op("llama_fast::swiglu_backward", mutates_args=())
 def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     dgate, dup = _alloc.empty(gate.shape, gate.dtype, gate.device), _alloc.empty(up.shape, up.dtype, up.device)
-    dispatch("swiglu_bwd", gate.device)(dy, gate, up, dgate, dup)
+    run("swiglu_bwd", gate.device, dy, gate, up, dgate, dup)
     return dgate, dup
 
 
 @torch.library.custom_op("llama_fast::swiglu_fused", mutates_args=())
 def _swiglu_fused(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    return dispatch("swiglu_fwd", gate_up.device)(gate, up)
+    return run("swiglu_fwd", gate_up.device, gate, up)
 
 
 @torch.library.custom_op("llama_fast::swiglu_fused_backward", mutates_args=())
@@ -35,7 +35,7 @@ def _swiglu_fused_backward(dy: Tensor, gate_up: Tensor) -> Tensor:
     dgate_up = _alloc.empty(gate_up.shape, gate_up.dtype, gate_up.device)
     gate, up = gate_up.chunk(2, dim=-1)
     dgate, dup = dgate_up.chunk(2, dim=-1)
-    dispatch("swiglu_bwd", gate_up.device)(dy, gate, up, dgate, dup)
+    run("swiglu_bwd", gate_up.device, dy, gate, up, dgate, dup)
     return dgate_up
 
 

@@ -1,6 +1,6 @@
 """Builds the CPU emulator of the CUDA kernels: every csrc/*.cu compiled as host C++ against
 cuda_emu.h (see its header comment), plus csrc/bindings.cpp, into the Python module
-``_C_emu`` that ``llama_fast.cuda_ops`` loads when ``LLAMA_FAST_CUDA_EMULATOR`` names it.
+``_C_emu`` that the test-only cuda backend of backend.py loads (tests/conftest.py registers it).
 
     python tests/cuda_emulator/build.py [out_dir]     # prints the module's path
 
