@@ -19,7 +19,7 @@ candidate's time against the current one's and writes it as JSON; changing the
 configuration functions to a winner is a decision for whoever reads it.
 
 --compile-only 90 (or 80) needs no GPU: it compiles every candidate for that architecture
-(as llama_fast.compile_check does) and reports shared memory, registers and spills, so
+(as llama_fast.tools.compile_check does) and reports shared memory, registers and spills, so
 that candidates that cannot launch or spill heavily are dropped before GPU time is spent.
 --smoke runs the correctness part at tiny shapes (on a CPU under TRITON_INTERPRET=1): every
 candidate must compute what the current configuration computes.
@@ -212,9 +212,9 @@ def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[
 
 
 def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
-    """Each candidate compiled as llama_fast.compile_check compiles a launch (bf16; causal
+    """Each candidate compiled as llama_fast.tools.compile_check compiles a launch (bf16; causal
     fixed-length attention; decode with splits); shared memory, registers and spills."""
-    import llama_fast.compile_check as cc
+    import llama_fast.tools.compile_check as cc
 
     rows = []
     with cc.fresh_compiles():

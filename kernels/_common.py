@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def interpreter_on() -> bool:
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1: CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def as_rows(t: torch.Tensor, block_m: int = 1) -> torch.Tensor:

@@ -37,9 +37,8 @@ import triton
 import triton.language as tl
 
 from llama_fast import _alloc
-from llama_fast.backends import triton_interpreter_on
 
-from ._common import device_guard, load_rows, next_pow2
+from ._common import device_guard, interpreter_on, load_rows, next_pow2
 
 LOG2E = math.log2(math.e)
 
@@ -421,7 +420,7 @@ def _common_constexprs(q: torch.Tensor, causal: bool, varlen: bool) -> dict:
     return {
         "CAUSAL": causal, "IS_VARLEN": varlen, "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim),
         # The interpreter's bf16 dot is wrong: run its dots in float32 (CPU tests only).
-        "UPCAST": triton_interpreter_on() and q.dtype != torch.float32,
+        "UPCAST": interpreter_on() and q.dtype != torch.float32,
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 

@@ -348,7 +348,7 @@ def compile_configs():
     rows (group 8 x Sq 4) and 64 rows (16 x 4, 8 warps); head dim 256; float32 once (full
     precision dots, the largest tiles in shared memory); and the combine kernel.
 
-    launch_hints (see llama_fast.compile_check), for contiguous tensors: the strides are
+    launch_hints (see llama_fast.tools.compile_check), for contiguous tensors: the strides are
     multiples of 16 (products of the head dim and head counts); Smax is a multiple of 16;
     q_len is 1 at Sq 1, row_blocks is 1 (the rows fit one tile), num_splits is 1 with
     WRITE_OUT; the combine's split count is 16 when it reaches MAX_COMBINE_SPLITS.

@@ -150,7 +150,7 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
 def compile_configs():
     """Every (kernel, signature, constexprs, num_warps, launch_hints) the launchers above can
     use, for the hidden sizes we ship (BLOCK_N spans all powers of two a supported size
-    rounds to). launch_hints (see llama_fast.compile_check), for a Llama launch: the token
+    rounds to). launch_hints (see llama_fast.tools.compile_check), for a Llama launch: the token
     count M and, from BLOCK_N 16 up, the hidden size N and the row strides (N, or 0 without
     R/DH) are multiples of 16; rows_per_program is a multiple of BLOCK_M."""
     dtypes = [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")]

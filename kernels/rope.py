@@ -125,7 +125,7 @@ def rope_fwd(q, k, cos, sin, interleaved, inverse):
 def compile_configs():
     """The configurations the launcher uses for Llama-3 shapes (head dims 64 and 128 with
     32/8 or 64/8 heads, and 256 for the largest tile), each layout and direction.
-    launch_hints (see llama_fast.compile_check): last-dim strides are 1; seq_len, half_dim,
+    launch_hints (see llama_fast.tools.compile_check): last-dim strides are 1; seq_len, half_dim,
     head counts of 16 or more and the other strides (products of those; 0 for a shared
     table) are multiples of 16."""
     shapes = [(32, 8, 64), (32, 8, 128), (8, 8, 256)]  # 64/8 heads launch as 32/8 do

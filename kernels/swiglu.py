@@ -117,7 +117,7 @@ def swiglu_bwd(dy, gate, up, dgate, dup):
 
 def compile_configs():
     """Every launch configuration: BLOCK_N takes each power of two up to MAX_BLOCK_N.
-    launch_hints (see llama_fast.compile_check), for N = BLOCK_N (at MAX_BLOCK_N: Llama
+    launch_hints (see llama_fast.tools.compile_check), for N = BLOCK_N (at MAX_BLOCK_N: Llama
     intermediate sizes) and contiguous rows: N and the row strides are multiples of 16 from
     16 up and 1 at 1; the token count M is a multiple of 16."""
     for block_n in [2**i for i in range(0, 11)]:

@@ -1,11 +1,11 @@
 """Every shipped Triton kernel configuration compiles for sm_80 and sm_90 (no GPU needed).
 
-Runs ``python -m llama_fast.compile_check`` once, in a subprocess without TRITON_INTERPRET
+Runs ``python -m llama_fast.tools.compile_check`` once, in a subprocess without TRITON_INTERPRET
 (conftest switches the interpreter on for CPU runs, and the interpreter replaces the
 compiler), and checks its JSON results: coverage, shared memory and register spills. Each
 configuration is compiled as a typical launch specialises it (``launch``: aligned pointers,
 unit strides as constants, sizes divisible by 16) for both archs, and a representative
-subset also as written (``general``); see llama_fast.compile_check. About 70 s on 2 cores.
+subset also as written (``general``); see llama_fast.tools.compile_check. About 70 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from llama_fast.compile_check import KERNEL_MODULES, tasks, unpack_config
+from llama_fast.tools.compile_check import KERNEL_MODULES, tasks, unpack_config
 
 ARCHS = (80, 90)
 
@@ -71,7 +71,7 @@ def _spills(r: dict) -> int:
 def compile_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check") / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "llama_fast.compile_check", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "llama_fast.tools.compile_check", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout)  # the table: shown with -s, or with a failure
     print(proc.stderr, file=sys.stderr)

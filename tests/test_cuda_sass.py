@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from llama_fast import sass_check
+from llama_fast.tools import sass_check
 
 from test_cuda_backend import _ptxas_entries, needs_extension
 

@@ -13,6 +13,7 @@ from .base import Backend, load_reason
 
 
 def interpreter_on() -> bool:
+    # The same test as llama_fast.kernels._common.interpreter_on, which imports triton.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

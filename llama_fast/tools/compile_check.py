@@ -13,7 +13,7 @@ and how wide the global loads and stores are (from the PTX: a memory-bound kerne
 moves 2 bytes per instruction where it could move 16 is slow on a GPU and right on the
 interpreter).
 
-    python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
+    python -m llama_fast.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
 
 Two variants of each configuration
 ----------------------------------
@@ -296,7 +296,7 @@ def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
     if knobs.runtime.interpret:
         raise InterpreterEnabledError(
             "TRITON_INTERPRET is set: the Triton interpreter replaces the compiler, so nothing can be "
-            "compiled. Unset it (e.g. `env -u TRITON_INTERPRET python -m llama_fast.compile_check`).")
+            "compiled. Unset it (e.g. `env -u TRITON_INTERPRET python -m llama_fast.tools.compile_check`).")
     with tempfile.TemporaryDirectory(prefix="llama_fast_compile_check_") as cache_dir:
         # spawn: a fresh interpreter per worker, no forked LLVM/CUDA state.
         ctx = multiprocessing.get_context("spawn")
@@ -342,7 +342,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_fast.compile_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama_fast.tools.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as a JSON list")

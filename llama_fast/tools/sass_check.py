@@ -9,7 +9,7 @@ see that: the result is the same, only slower. This disassembles ``llama_fast._C
 counts each kernel's instructions per architecture; tests/test_cuda_sass.py holds the
 kernels to what issue #4 asks of them.
 
-    python -m llama_fast.sass_check [--all] [LIBRARY]    # default: the installed llama_fast._C
+    python -m llama_fast.tools.sass_check [--all] [LIBRARY]    # default: the installed llama_fast._C
 
 The table shows, per kernel and arch, global loads and stores and cp.async copies by
 width in bytes (``16:6 4:2`` = six 16-byte and two 4-byte instructions, counted in the
@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llama_fast.compile_check import align_columns, triton_cuobjdump
+from llama_fast.tools.compile_check import align_columns, triton_cuobjdump
 
 # An instruction line of cuobjdump -sass: "/*0a30*/  @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
@@ -139,7 +139,7 @@ def format_table(counts: dict[tuple[int, str], collections.Counter]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_fast.sass_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama_fast.tools.sass_check", description=__doc__.split("\n")[0])
     parser.add_argument("library", nargs="?", help="a built extension (default: the installed llama_fast._C)")
     parser.add_argument("--all", action="store_true", help="every instantiation (default: 16-bit types only)")
     args = parser.parse_args(argv)
