@@ -1,10 +1,12 @@
-"""python -m llama_fast info, selfcheck, --help and bench (the demo has tests/test_demo.py)."""
+"""python -m llama_fast info, selfcheck, --help and bench, and the progress lines of
+scripts/setup_env.sh and run.sh (the demo has tests/test_demo.py)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +156,75 @@ def test_bench_hands_over_to_the_benchmark_script(tmp_path):
 def test_unknown_arguments_are_refused():
     proc = _run("info", "--bogus")
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+# -- scripts/setup_env.sh ---------------------------------------------------------------
+
+# A stand-in python: "-m venv DIR" makes DIR/bin/python (this same script); "-c ..." fails
+# (so torch counts as missing); anything else (pip) succeeds. Each call is logged.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$0 $*" >> "$SETUP_LOG"
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0; fi
+[ "$1" = "-c" ] && exit 1
+exit 0
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("cuda", ["nvcc", "no nvcc", "LLAMA_FAST_NO_CUDA"])
+def test_setup_env_says_what_it_does(tmp_path, cuda):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup_env.sh", tmp_path / "scripts")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(fake), "SETUP_LOG": str(tmp_path / "calls.log")}
+    if cuda == "nvcc":
+        cuda_home = tmp_path / "cuda"
+        (cuda_home / "bin").mkdir(parents=True)
+        (cuda_home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+        (cuda_home / "bin" / "nvcc").chmod(0o755)
+        env["CUDA_HOME"] = str(cuda_home)
+    elif cuda == "LLAMA_FAST_NO_CUDA":
+        env["LLAMA_FAST_NO_CUDA"] = "1"
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "setup_env.sh"), "test"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(ln.startswith("setup: ") for ln in lines), lines
+    text = proc.stdout
+    order = ["creating the virtual environment", "upgrading pip", "installing torch", "installing llama_fast",
+             "ready in"]
+    positions = [text.index(step) for step in order]
+    assert positions == sorted(positions), text
+    assert "extras: test" in text
+    expected = {"nvcc": "building the CUDA extension llama_fast._C with " + env.get("CUDA_HOME", "") + "/bin/nvcc",
+                "no nvcc": "without the CUDA extension: no nvcc found",
+                "LLAMA_FAST_NO_CUDA": "without the CUDA extension: LLAMA_FAST_NO_CUDA is set"}[cuda]
+    assert expected in text, text
+    calls = (tmp_path / "calls.log").read_text()
+    assert "-m pip install -q torch==2.13.0" in calls and "-e .[test]" in calls
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_announces_each_step_before_it_runs(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    for name in ("run.sh", "setup_env.sh"):
+        shutil.copy(REPO / "scripts" / name, tmp_path / "scripts")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "SETUP_LOG": str(log), "LLAMA_FAST_NO_CUDA": "1"}
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "run.sh"), "--seq", "8"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    order = ["run: step 1/3, set-up", "setup: creating the virtual environment", "setup: ready in",
+             "run: step 2/3, selfcheck", "run: step 3/3, demo"]
+    positions = [text.index(step) for step in order]
+    assert positions == sorted(positions), text
+    calls = log.read_text().splitlines()
+    assert calls[-2].endswith("-m llama_fast selfcheck") and calls[-1].endswith("-m llama_fast demo --seq 8"), calls
