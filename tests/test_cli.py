@@ -32,12 +32,20 @@ def _user_env():
     return {k: v for k, v in os.environ.items() if k != "LLAMA_FAST_CUDA_EMULATOR"}
 
 
-def test_info_prints_a_short_summary_with_public_names():
+def _user_report(monkeypatch):
+    """llama_fast.info() as a subprocess with _user_env() sees it, without starting one."""
+    import llama_fast
+
+    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)
+    return llama_fast.info()
+
+
+def test_info_prints_a_short_summary_with_public_names(monkeypatch):
     proc = _run("info", env=_user_env())
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert len(out.splitlines()) <= 25, out
-    report = json.loads(_run("info", "--json", env=_user_env()).stdout)
+    report = _user_report(monkeypatch)
     for name, entry in report["backends"].items():
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(name + " ")), None)
         assert line is not None, out
@@ -100,11 +108,11 @@ def test_public_op_names():
             assert public_op_name(op) != op, op
 
 
-def test_selfcheck_checks_every_op_and_labels_its_columns():
+def test_selfcheck_checks_every_op_and_labels_its_columns(monkeypatch):
     proc = _run("selfcheck", env=_user_env(), timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    report = json.loads(_run("info", "--json", env=_user_env()).stdout)
+    report = _user_report(monkeypatch)
     lines = out.splitlines()
     top = next(i for i, ln in enumerate(lines) if ln.startswith("op "))
     table = lines[top + 2: lines.index("", top)]  # after the header and its rule, up to a blank line
