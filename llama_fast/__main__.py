@@ -142,10 +142,11 @@ def selfcheck() -> int:
     print("  outputs only); rel diff: the same divided by that tensor's largest |torch|, worst tensor; a row")
     print("  passes when rel diff <= tol.")
     if interpreted:
-        print("ms: one forward and backward call under the Triton interpreter on the CPU: not a GPU speed.")
+        print("ms: one call (forward, and backward where the op has one) under the Triton interpreter on the CPU:")
+        print("  not a GPU speed.")
     else:
-        print("ms: one forward and backward call, its first, so it includes compiling the kernels: not a")
-        print("  benchmark (python -m llama_fast bench measures speed).")
+        print("ms: one call (forward, and backward where the op has one), its first, so it includes compiling the")
+        print("  kernels: not a benchmark (python -m llama_fast bench measures speed).")
     print("\nselfcheck:", "all ops agree with the PyTorch reference" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
 
