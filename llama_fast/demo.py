@@ -25,15 +25,36 @@ CPU_DIM, CPU_HEADS, CPU_LAYERS = 256, 4, 2
 PROMPT = "The fastest way to run a language model is"
 
 
+# The demo's --help description (plain text: argparse prints it as it is).
+DESCRIPTION = (
+    "Build a Llama 3 (from --checkpoint, else a random model of --config, scaled down on a CPU), "
+    "compare patched and unpatched logits (PASS/FAIL, exit 1 on FAIL), generate a few tokens, and "
+    "time prefill, decoding and a training step, unpatched and patched. On a CPU the timings use "
+    "the torch backend and are no GPU speed: the table then has no speed-up column."
+)
+
+
+def _config_names() -> list[str]:
+    from llama_fast.model import CONFIGS
+
+    return sorted(CONFIGS)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="a Meta (params.json) or Hugging Face (config.json) checkpoint folder")
-    parser.add_argument("--config", default="llama-3.2-1b", help="named config for a random model (default: %(default)s)")
-    parser.add_argument("--layers", type=int, help="number of layers (default: the config's; 2 on a CPU)")
-    parser.add_argument("--vocab", type=int, help="vocabulary size of a random model (default: the config's)")
-    parser.add_argument("--seq", type=int, default=64, help="prompt / training sequence length (default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate and time (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of the timings (default: %(default)s)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="a Meta (params.json) or Hugging Face (config.json) checkpoint folder; "
+                             "without it the model is random")
+    parser.add_argument("--config", default="llama-3.2-1b", metavar="NAME",
+                        help="named config of the random model, one of: " + ", ".join(_config_names())
+                             + " (default: %(default)s)")
+    parser.add_argument("--layers", type=int, metavar="N", help="number of layers (default: the config's; 2 on a CPU)")
+    parser.add_argument("--vocab", type=int, metavar="N", help="vocabulary size of a random model (default: the config's)")
+    parser.add_argument("--seq", type=int, default=64, metavar="N",
+                        help="prompt / training sequence length (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=16, metavar="N",
+                        help="tokens to generate and time (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1, metavar="N", help="batch size of the timings (default: %(default)s)")
+    parser.add_argument("--device", metavar="DEVICE", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"),
@@ -41,8 +62,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                         help="backend of the numerics check (default: %(default)s, the kernels; "
                              "the Triton interpreter on a CPU)")
-    parser.add_argument("--tokenizer", help="path of Llama 3's tokenizer.model (default: llama-models' if installed)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="path of Llama 3's tokenizer.model (default: llama-models' if installed, "
+                             "else the demo prints token ids)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random model's weights (default: %(default)s)")
+
+
+def usage_error(args) -> str | None:
+    """Why these arguments cannot work, in one line, or None. Checked before anything is
+    built, so a typo costs a line on stderr instead of a traceback after minutes of work."""
+    from pathlib import Path
+
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.is_dir():
+            return f"--checkpoint {args.checkpoint}: no such folder"
+        if not (path / "params.json").exists() and not (path / "config.json").exists():
+            return f"--checkpoint {args.checkpoint}: neither params.json (Meta) nor config.json (Hugging Face) in it"
+    elif args.config.lower() not in _config_names():
+        return f"unknown --config {args.config!r}; valid names: {', '.join(_config_names())}"
+    for flag, value in (("--seq", args.seq), ("--new-tokens", args.new_tokens), ("--batch", args.batch),
+                        ("--layers", args.layers), ("--vocab", args.vocab)):
+        if value is not None and value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            return f"--device must be cpu, cuda or cuda:N, got {args.device!r}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device} but no CUDA GPU is available"
+    return None
+
+
+def report_usage_error(error: str) -> int:
+    """One line on stderr, as argparse words its own errors; the exit status argparse uses (2)."""
+    print(f"llama-fast demo: error: {error}", file=sys.stderr)
+    return 2
 
 
 class Progress:
@@ -247,28 +306,31 @@ def generate_sample(model, tokenizer, device, backend: str, new_tokens: int) -> 
     return f"prompt ids {prompt} -> new ids {new}"
 
 
-def summary_table(rows: list[tuple[str, float, float, bool]]) -> str:
-    """rows: (metric, unpatched, patched, higher is better)."""
-    lines = [f"{'metric':<22}{'unpatched':>14}{'patched':>14}{'speedup':>10}", "-" * 60]
+def summary_table(rows: list[tuple[str, float, float, bool]], speedup: bool = True) -> str:
+    """rows: (metric, unpatched, patched, higher is better). ``speedup`` False leaves out the
+    ratio column: on a CPU both variants run the same PyTorch code once each, so their ratio
+    is timing noise (1.9x one run, 0.9x the next), not a speed-up."""
+    width = 60 if speedup else 50
+    lines = [f"{'metric':<22}{'unpatched':>14}{'patched':>14}" + (f"{'speedup':>10}" if speedup else ""), "-" * width]
     for metric, base, fast, higher in rows:
-        speed = (fast / base if higher else base / fast) if base > 0 and fast > 0 else float("nan")
-        lines.append(f"{metric:<22}{base:>14.2f}{fast:>14.2f}{speed:>9.2f}x")
+        line = f"{metric:<22}{base:>14.2f}{fast:>14.2f}"
+        if speedup:
+            ratio = (fast / base if higher else base / fast) if base > 0 and fast > 0 else float("nan")
+            line += f"{ratio:>9.2f}x"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def run(args) -> int:
     import llama_fast
 
+    error = usage_error(args)
+    if error:
+        return report_usage_error(error)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     backend = args.backend or ("auto" if on_gpu else "torch")
-    if args.seq < 1 or args.new_tokens < 1 or args.batch < 1:
-        print("--seq, --new-tokens and --batch must be >= 1", file=sys.stderr)
-        return 2
 
     print(f"llama_fast {llama_fast.__version__} demo on {device} ({torch.cuda.get_device_name(device) if on_gpu else 'CPU'}), "
           f"dtype {str(dtype)[6:]}")
@@ -276,7 +338,11 @@ def run(args) -> int:
         print("no GPU: the timings use the 'torch' backend (the Triton kernels would run under the Triton "
               "interpreter, far too slow to time); the numerics check uses the kernels on a tiny input")
     progress = Progress(8, "demo")
-    model, what = build_model(args, device, dtype)
+    try:
+        model, what = build_model(args, device, dtype)
+    except FileNotFoundError as exc:  # a checkpoint folder without its weight files
+        progress.close()
+        return report_usage_error(str(exc))
     progress.log(f"model: {what}")
     progress.step("model built")
 
@@ -304,10 +370,12 @@ def run(args) -> int:
 
     base, fast = results["unpatched"], results["patched"]
     print(f"\nsummary (backend {backend}, batch {args.batch}, prompt {args.seq} tokens, {args.new_tokens} new tokens)")
+    if not on_gpu:
+        print("CPU timings, one run each: not a GPU speed, and no speed-up (run the demo on a GPU for that)")
     print(summary_table([
         ("prefill (ms)", base["prefill_ms"], fast["prefill_ms"], False),
         ("decode (tokens/s)", base["decode_tok_s"], fast["decode_tok_s"], True),
         ("train step (ms)", base["train_ms"], fast["train_ms"], False),
-    ]))
+    ], speedup=on_gpu))
     print(f"numerics: {verdict} (max relative |diff| {diff:.2e})")
     return 0 if ok else 1

@@ -130,3 +130,11 @@ def test_backward_runs_on_the_backend_the_forward_ran_on(monkeypatch):
     y.sum().backward()
     assert ("rms_norm_bwd", "torch") in picked
     assert all(name == "torch" for _, name in picked), picked
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="needs the CPU as the test device")
+def test_unavailable_backend_errors_use_public_op_names(installed_cuda):
+    x = torch.randn(4, 8)
+    with llama_fast.backend("cuda"), pytest.raises(llama_fast.BackendUnavailableError,
+                                                   match=r"cannot serve rms_norm/add_rms_norm \(forward\)"):
+        llama_fast.rms_norm(x, torch.ones(8))

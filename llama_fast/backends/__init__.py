@@ -29,27 +29,23 @@ from typing import Callable, Iterator
 
 import torch
 
+from llama_fast.op_names import INTERNAL_OPS, public_op_name
+
 from .base import Backend
 from .cuda_backend import GAPS as CUDA_GAPS
 from .cuda_backend import CudaBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend, interpreter_on
 
-__all__ = ["AUTO_ORDER_CUDA", "BACKENDS", "Backend", "BackendUnavailableError", "CudaBackend", "OPS", "PUBLIC_NAMES", "ROUTES",
+__all__ = ["AUTO_ORDER_CUDA", "BACKENDS", "Backend", "BackendUnavailableError", "CudaBackend", "OPS", "ROUTES",
            "backend", "backend_status", "current_backend", "device_reason", "get", "pick", "register", "run",
            "triton_interpreter_on"]
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
-# The dispatcher's op names and the public functions that use them (for messages).
-PUBLIC_NAMES = {
-    "rms_norm_fwd": "rms_norm/add_rms_norm", "rms_norm_bwd": "rms_norm/add_rms_norm backward",
-    "rope_fwd": "apply_rope", "swiglu_fwd": "swiglu/swiglu_fused", "swiglu_bwd": "swiglu/swiglu_fused backward",
-    "attn_fwd": "flash_attn", "attn_bwd": "flash_attn backward", "attn_varlen_fwd": "flash_attn_varlen",
-    "attn_varlen_bwd": "flash_attn_varlen backward", "decode": "flash_decode",
-}
-OPS = tuple(PUBLIC_NAMES)
+# The dispatcher's op names (ops split into passes; llama_fast.op_names names them to users).
+OPS = tuple(INTERNAL_OPS)
 
 # The routing rule: what a backend's kernels do not cover goes to this backend.
 ROUTES = {"cuda": "triton"}
@@ -140,13 +136,13 @@ def _serving(name: str, op: str, device: torch.device, args: tuple) -> str:
     why = device_reason(name, device)
     if why is None:
         b = get(name)
-        gap = b.gap(op, args) if op in b.OPS else f"it has no {PUBLIC_NAMES.get(op, op)} kernel"
+        gap = b.gap(op, args) if op in b.OPS else f"it has no {public_op_name(op)} kernel"
         if gap is None:
             return name
         if name in ROUTES:
             return _serving(ROUTES[name], op, device, args)
         why = gap
-    raise BackendUnavailableError(f"backend {name!r} cannot serve {PUBLIC_NAMES.get(op, op)}: {why}")
+    raise BackendUnavailableError(f"backend {name!r} cannot serve {public_op_name(op)}: {why}")
 
 
 def pick(op: str, device: torch.device, args: tuple = ()) -> str:
