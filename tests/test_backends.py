@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llama_fast
+import llama_fast.op_names
 from llama_fast import backends
 from _helpers import DEVICE
 
@@ -101,7 +102,8 @@ def test_info_reports_versions_and_backends():
     assert report["torch"] == torch.__version__
     assert report["triton"] is not None
     assert set(report["backends"]) == set(backends.BACKENDS)
-    assert report["backends"]["torch"] == {"available": True, "reason": None, "ops": sorted(backends.OPS)}
+    assert report["backends"]["torch"] == {"available": True, "reason": None, "ops": sorted(backends.OPS),
+                                           "serves": list(llama_fast.op_names.PUBLIC_OPS)}
     for name, status in report["backends"].items():
         # Either available or a reason why not: never silent.
         assert status["available"] == (status["reason"] is None), name

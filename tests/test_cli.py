@@ -28,24 +28,25 @@ def _run(*args, timeout=300, env=None):
 
 
 def _user_env():
-    """The environment a user has: without the tests' CPU emulator of the CUDA kernels."""
-    return {k: v for k, v in os.environ.items() if k != "LLAMA_FAST_CUDA_EMULATOR"}
+    """The environment a user has (a subprocess never sees the tests' CPU emulator backend)."""
+    return dict(os.environ)
 
 
-def _user_report(monkeypatch):
-    """llama_fast.info() as a subprocess with _user_env() sees it, without starting one."""
+@pytest.fixture
+def user_report(installed_cuda):
+    """llama_fast.info() as a subprocess sees it (the installed cuda backend, not the tests'
+    emulator), without starting one."""
     import llama_fast
 
-    monkeypatch.delenv("LLAMA_FAST_CUDA_EMULATOR", raising=False)
     return llama_fast.info()
 
 
-def test_info_prints_a_short_summary_with_public_names(monkeypatch):
+def test_info_prints_a_short_summary_with_public_names(user_report):
     proc = _run("info", env=_user_env())
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert len(out.splitlines()) <= 25, out
-    report = _user_report(monkeypatch)
+    report = user_report
     for name, entry in report["backends"].items():
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(name + " ")), None)
         assert line is not None, out
@@ -108,11 +109,11 @@ def test_public_op_names():
             assert public_op_name(op) != op, op
 
 
-def test_selfcheck_checks_every_op_and_labels_its_columns(monkeypatch):
+def test_selfcheck_checks_every_op_and_labels_its_columns(user_report):
     proc = _run("selfcheck", env=_user_env(), timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    report = _user_report(monkeypatch)
+    report = user_report
     lines = out.splitlines()
     top = next(i for i, ln in enumerate(lines) if ln.startswith("op "))
     table = lines[top + 2: lines.index("", top)]  # after the header and its rule, up to a blank line
@@ -133,7 +134,8 @@ def test_selfcheck_checks_every_op_and_labels_its_columns(monkeypatch):
         assert float(r[5]) == (1e-4 if r[2] == "float32" else 5e-2), r
     if not torch.cuda.is_available():
         assert "ms (CPU, not GPU)" in header and "not a GPU speed" in out
-        assert "not checked: the cuda backend is not available here: the CUDA extension" in out
+        why = report["backends"]["cuda"]["reason"]  # not built, or built but no GPU
+        assert f"not checked: the cuda backend is not available here: {why}" in out
     assert "{" not in out  # the summary, not the JSON report
 
 
