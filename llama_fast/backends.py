@@ -50,6 +50,8 @@ REGISTRY: dict[str, dict[str, str]] = {
     "attn_varlen_fwd": {"torch": f"{_R}:attn_varlen_fwd", "triton": f"{_K}.flash_attn:attn_varlen_fwd", "cuda": f"{_C}:attn_varlen_fwd"},
     "attn_varlen_bwd": {"torch": f"{_R}:attn_varlen_bwd", "triton": f"{_K}.flash_attn:attn_varlen_bwd", "cuda": f"{_C}:attn_varlen_bwd"},
     "decode": {"torch": f"{_R}:decode", "triton": f"{_K}.flash_decode:decode", "cuda": f"{_C}:decode"},
+    # No C++ kernel: the matmuls are cuBLAS either way, and cuda serves the softmax step with Triton's.
+    "linear_cross_entropy": {"torch": f"{_R}:linear_cross_entropy", "triton": f"{_K}.cross_entropy:linear_cross_entropy", "cuda": f"{_K}.cross_entropy:linear_cross_entropy"},
 }
 
 # Which backend auto tries first on CUDA tensors, per op. cuda goes first for an op once a
