@@ -36,8 +36,8 @@ from llama_fast import _alloc
 
 from ._common import device_guard, next_pow2
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

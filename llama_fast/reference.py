@@ -241,20 +241,26 @@ def cross_entropy_chunk(logits, target, scale, ignore_index, label_smoothing, co
     rows for ignored tokens. PyTorch's label smoothing: ``(1 - eps) * nll + eps * mean_v(-log p_v)``.
     A target outside [0, V) that is not ignore_index gives a NaN loss."""
     v = logits.shape[1]
-    z = logits.to(F32)  # the logits themselves when they are float32: then updated in place
-    lse = torch.logsumexp(z, dim=1)
+    z = logits.to(F32)  # the logits themselves when they are float32 (a scratch buffer: reused in place)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < v)
     z_y = z.gather(1, target.clamp(0, v - 1)[:, None])[:, 0]
     z_y = torch.where(in_range | ignored, z_y, float("nan"))
+    z_mean = z.sum(1) / v if label_smoothing else None
+    # exp(z - max) in place, so the step needs no temporary of the chunk's size; divided by
+    # its row sum it is the softmax, the start of the gradient.
+    m = z.amax(1)
+    p = z.sub_(m[:, None]).exp_()
+    s = p.sum(1)
+    lse = m + s.log()
     loss = lse - z_y
     if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.sum(1) / v)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_mean)
     loss = torch.where(ignored, 0.0, loss)
     if compute_grad:
         row_scale = scale.expand(target.shape) if scale.numel() == 1 else scale
         row_scale = torch.where(ignored, 0.0, row_scale)  # not 0 * inf: "mean" of no tokens scales by inf
-        g = z.sub_(lse[:, None]).exp_()
+        g = p.div_(s[:, None])
         if label_smoothing:
             g.sub_(label_smoothing / v)
         rows = torch.arange(g.shape[0], device=g.device)
@@ -298,7 +304,7 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
     want_b = want_b and bias is not None
     chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, v)))
     dev = hidden.device
-    losses = torch.empty(n, dtype=F32, device=dev)
+    losses = _alloc.empty((n,), F32, dev)
     compute_grad = want_h or want_w or want_b
     if row_scale is not None:
         scale = row_scale.to(F32)
@@ -309,10 +315,10 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
     one_chunk = n <= chunk
     gh = _alloc.empty((n, h), hidden.dtype, dev) if want_h else hidden.new_empty(0)
     # One chunk: the gradients are written once, straight in their dtype; else summed in float32.
-    gw = (torch.empty((v, h), dtype=weight.dtype if one_chunk else F32, device=dev) if want_w
+    gw = (_alloc.empty((v, h), weight.dtype if one_chunk else F32, dev) if want_w
           else weight.new_empty(0))
     gb = torch.zeros(v, dtype=F32, device=dev) if want_b else hidden.new_empty(0)
-    buf = torch.empty((chunk, v), dtype=hidden.dtype, device=dev) if n else None
+    buf = _alloc.empty((chunk, v), hidden.dtype, dev) if n else None
     wt = weight.t()
     for i0 in range(0, n, chunk):
         x = hidden[i0 : i0 + chunk]

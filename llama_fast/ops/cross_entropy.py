@@ -2,7 +2,9 @@
 
 The forward computes the gradients too, chunk by chunk, while each chunk's logits are at
 hand (see ``llama_fast.reference.linear_cross_entropy``): for "mean" and "sum" the upstream
-gradient is one scalar, so the backward only multiplies the saved gradients by it. For
+gradient is one scalar, so the backward only multiplies the saved gradients by it, in
+place (so the graph can be backwarded once: ``retain_graph=True`` and a second backward
+raise). For
 "none" every token has its own upstream gradient, unknown during the forward: the forward
 computes the losses only and the backward runs the chunked pass again, scaling each
 token's row of d loss / d logits by its upstream gradient.
@@ -100,7 +102,10 @@ def _grad(ctx, grad_loss, *_unused):
         gh, gw, gb = ctx.saved_tensors
         want = ctx.grads
         # The saved gradients are for an upstream gradient of 1 (the usual case: no rounding).
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+        # Scaled in place: a copy would add a weight's worth of memory at the peak. A second
+        # backward through the same graph (retain_graph=True) therefore raises autograd's
+        # "modified by an inplace operation" error instead of returning scaled-twice values.
+        gh, gw, gb = (g.mul_(grad_loss.to(g.dtype)) for g in (gh, gw, gb))
     gh, gw, gb = (g if w else None for g, w in zip((gh, gw, gb), want))
     return gh, gw, None, gb if ctx.has_bias else None, None, None, None, None, None
 
