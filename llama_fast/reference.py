@@ -276,11 +276,20 @@ def _accumulate(acc, a, b, first):
     """``acc (+)= a @ b`` for ``a``, ``b`` in the inputs' dtype and ``acc`` in theirs or float32."""
     if acc.dtype == a.dtype:
         torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
-    elif acc.is_cuda:  # cuBLAS writes / adds into float32 directly: no temporary
-        torch.mm(a, b, out_dtype=F32, out=acc) if first else torch.addmm(acc, a, b, out_dtype=F32, out=acc)
-    else:  # no float32-output matmul of 16-bit inputs on the CPU: a temporary of acc's size
+    elif acc.is_cuda and _FLOAT32_OUT_MATMUL[0]:
+        # cuBLAS writes / adds into float32 directly (torch >= 2.8): no temporary. Should a
+        # build refuse it, the fallback below serves from then on.
+        try:
+            torch.mm(a, b, out_dtype=F32, out=acc) if first else torch.addmm(acc, a, b, out_dtype=F32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _FLOAT32_OUT_MATMUL[0] = False
+    if acc.dtype != a.dtype:  # no float32-output matmul of 16-bit inputs: a temporary of acc's size
         product = torch.mm(a, b)
         acc.copy_(product) if first else acc.add_(product)
+
+
+_FLOAT32_OUT_MATMUL = [True]
 
 
 def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
