@@ -19,8 +19,9 @@ wider than a block):
    ``scale * (softmax - eps / V - (1 - eps) * onehot(y))``, zeros for an ignored row.
    ``scale`` is the reduction's factor (1 / non-ignored tokens for "mean", 1 for "sum"),
    a one-element tensor so the count never leaves the GPU, or one factor per row
-   (ROW_SCALE: the upstream gradient of reduction="none"). The tile of pass 2 was read by
-   pass 1 a moment before and a row is V x 2 bytes, so the re-read mostly hits L2.
+   (ROW_SCALE: the upstream gradient of reduction="none"). A row is V x 2 bytes in
+   16-bit (250 KiB at V = 128256), so the second read can be served from L2 rather than
+   HBM; no single pass is possible, as every gradient needs the whole row's log-sum-exp.
 
 exp and log are exp2 and log2 with the constants folded in (no libdevice). A target that
 is neither ignore_index nor in [0, V) gives a NaN loss instead of reading out of bounds.

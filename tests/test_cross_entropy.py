@@ -183,6 +183,18 @@ def test_frozen_weight_and_no_grad(backend):
     assert_close(x.grad, x64.grad, torch.float32, "grad hidden")
 
 
+def test_a_second_backward_raises_instead_of_scaling_twice():
+    """The backward scales the gradients the forward saved in place (a copy would add a
+    weight's worth of memory at the peak): backwarding the same graph twice must raise, not
+    return gradients scaled twice."""
+    hidden = randn((4, 3), torch.float32).requires_grad_()
+    with llama_fast.backend("torch"):
+        loss = CE(hidden, randn((5, 3), torch.float32), make_target((4,), 5, 0.0), reduction="sum")
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_backends_agree_and_default_chunk():
     """The default chunk size comes from the shapes; every backend gives the same loss."""
     assert reference.linear_ce_chunk_rows(16384, 4096, 128256) == 1024  # the minimum
@@ -298,6 +310,29 @@ def test_fullgraph_compile_of_a_training_step():
         results.append((loss, emb.weight.grad, norm_w.grad))
     for (a, b, what) in zip(results[1], results[0], ("loss", "grad weight", "grad norm")):
         assert_close(a, b.to(torch.float64), torch.float32, what)
+
+
+def test_fullgraph_compile_reduction_none_with_bias():
+    """reduction="none": the backward is a custom op of its own (it recomputes), compiled too."""
+    torch._dynamo.reset()
+    v, h = 30, 8
+
+    def step(hidden, weight, bias, target, upstream):
+        losses = CE(hidden, weight, target, bias=bias, reduction="none", chunk_size=4)
+        return (losses * upstream).sum()
+
+    inputs = [randn((2, 5, h), torch.float32), randn((v, h), torch.float32), randn((v,), torch.float32)]
+    target, upstream = make_target((2, 5), v), torch.randn(2, 5, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    loss = torch.compile(step, fullgraph=True)(*leaves, target, upstream)
+    loss.backward()
+    h64, w64, b64 = (f64(t, True) for t in inputs)
+    losses64 = F.cross_entropy(F.linear(h64, w64, b64).flatten(0, 1), target.flatten(), reduction="none")
+    loss64 = (losses64.view(2, 5) * f64(upstream)).sum()
+    loss64.backward()
+    assert_close(loss, loss64, torch.float32, "loss")
+    for leaf, ref, what in zip(leaves, (h64, w64, b64), ("hidden", "weight", "bias")):
+        assert_close(leaf.grad, ref.grad, torch.float32, f"grad {what}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -166,12 +166,27 @@ def fused_linear_cross_entropy(
     matmul with float32 accumulation, the softmax and loss are float32, and the gradients of
     hidden, weight and bias have their own dtypes.
 
-    Tokens are processed ``chunk_size`` at a time (default
-    ``reference.linear_ce_chunk_rows``: about N * H / V, at least 1024, at most N); the
-    extra memory is one chunk of logits, ``chunk_size * V`` in the input dtype, plus float32
-    accumulators for the weight (V * H) and bias gradients when the weight is 16-bit and
-    there is more than one chunk. With gradients enabled the forward computes them as it
-    goes (for "none", the backward recomputes instead).
+    Memory. The N tokens are processed C = ``chunk_size`` at a time, by default
+    ``C = min(N, max(1024, next_pow2(ceil(N * H / V))))`` (``reference.linear_ce_chunk_rows``:
+    a chunk of logits about the size of hidden, but at least 1024 rows so the matmuls stay
+    efficient). Beyond the inputs and the gradients it returns, the op holds
+
+    * ``C * V * e`` bytes: one chunk of logits, overwritten by its gradient (e = 2 for
+      bf16/fp16, 4 for float32); the torch backend adds ``C * V * 4`` for 16-bit inputs
+      (its float32 softmax);
+    * for a 16-bit weight and N > C: the float32 sum of the weight gradient, ``V * H * 4``
+      (and ``V * 4`` for a bias), rounded to the weight's dtype once at the end;
+    * on the CPU, for 16-bit inputs and N > C: a ``V * H * e`` temporary per chunk (no
+      float32-output matmul there).
+
+    The unfused code holds ``N * V`` logits, their float32 copy, log-softmax and gradient.
+
+    With gradients enabled the forward computes them as it goes and the backward scales
+    them by the upstream gradient, in place: a graph through this op can be backwarded
+    once (``retain_graph=True`` and a second backward raise). For "none" the backward
+    recomputes the chunks instead, each token's gradient scaled by its upstream gradient.
+    A target outside [0, V) (other than ``ignore_index``) raises on the CPU and gives a NaN
+    loss on a GPU (a check there would stall the stream).
     """
     _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_size)
     h = hidden.shape[-1]
