@@ -1,7 +1,8 @@
 """The memory-bound benchmark cases: shapes, settings and ``CASES`` (the grids of shapes
 they run at are in bench/grid.py).
 
-Each case is one op (rms_norm, add_rms_norm, apply_rope, swiglu, swiglu_fused) with its
+Each case is one op (rms_norm, add_rms_norm, apply_rope, swiglu, swiglu_fused,
+cross_entropy) with its
 input builder, the eager reference written as Hugging Face's Llama modules compute it
 (the "eager" provider, and what torch.compile compiles), the llama_fast function it is
 compared with, and the minimum bytes each pass moves.
@@ -10,6 +11,12 @@ GB/s is the minimum traffic of the op (each input read once, each output written
 the formula beside each case) divided by the time: the same bytes for every provider, so it
 is throughput, comparable with the copy ceiling measured in the same run. A fwd+bwd row
 counts the two passes' bytes added.
+
+cross_entropy (the fused linear cross-entropy of the lm_head) is matmul-bound, not
+memory-bound: its rows report TFLOP/s (``flops``: 2·N·H·V for the logits, three times that
+with the two gradient matmuls) and peak memory, the point of fusing it. It runs its own
+token counts (``shapes``) and no ``bwd`` pass: llama_fast computes this op's gradients in
+the forward, so the backward alone measures nothing (and its graph is backwarded once).
 
 The attention and decode cases are in bench/attention_cases.py.
 """
@@ -33,11 +40,12 @@ class Shapes:
     q_heads: int
     kv_heads: int
     head_dim: int
+    vocab: int = 128256  # Llama 3's; the cross_entropy case's V
 
 
 LLAMA3_8B = Shapes(tokens=8192, hidden=4096, inter=14336, q_heads=32, kv_heads=8, head_dim=128)
 # RoPE runs one program per token, and the interpreter runs programs one by one: few tokens.
-SMOKE = Shapes(tokens=16, hidden=256, inter=512, q_heads=4, kv_heads=2, head_dim=16)
+SMOKE = Shapes(tokens=16, hidden=256, inter=512, q_heads=4, kv_heads=2, head_dim=16, vocab=1000)
 
 DTYPE = torch.bfloat16  # the GPU check's dtype; the suite (bench/suite.py) takes --dtypes
 DTYPE_NAME = "bfloat16"
@@ -105,6 +113,12 @@ def hf_swiglu_fused(gate_up):
     return F.silu(gate) * up
 
 
+def hf_linear_cross_entropy(hidden, weight, target):
+    """LlamaForCausalLM's loss: lm_head logits in the model's dtype, upcast to float32 (as
+    transformers' ForCausalLMLoss does) and F.cross_entropy, mean over the tokens."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), target)
+
+
 # ---------------------------------------------------------------------------------------
 # inputs
 
@@ -147,6 +161,25 @@ def swiglu_fused_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
     return {"gate_up": _randn(s.tokens, 2 * s.inter, device=device, dtype=dtype)}
 
 
+def cross_entropy_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
+    """The last hidden states, an lm_head weight at its initialisation scale and targets."""
+    return {"hidden": _randn(s.tokens, s.hidden, device=device, dtype=dtype),
+            "weight": 0.02 * _randn(s.vocab, s.hidden, device=device, dtype=dtype),
+            "target": torch.randint(0, s.vocab, (s.tokens,), device=device)}
+
+
+CE_TOKENS = (1024, 2048, 4096, 8192, 16384)
+
+
+def cross_entropy_shapes(grid: str) -> list[Shapes]:
+    """Llama-3-8B's head (H 4096, V 128256) at 1K-16K tokens (the full grid), 8K tokens
+    (headline), the smoke shapes (V 1000)."""
+    if grid == "smoke":
+        return [SMOKE]
+    tokens = CE_TOKENS if grid == "full" else (LLAMA3_8B.tokens,)
+    return [Shapes(tokens=t, **{k: v for k, v in vars(LLAMA3_8B).items() if k != "tokens"}) for t in tokens]
+
+
 # ---------------------------------------------------------------------------------------
 # the benchmark cases: one entry per op
 #
@@ -156,11 +189,16 @@ def swiglu_fused_inputs(s: Shapes, device, dtype=DTYPE) -> dict:
 #   eager       (the eager function, the input names it takes); torch.compile compiles it
 #   bytes       pass -> minimum bytes moved, from the shapes and e = bytes per element of
 #               the bf16 tensors (the llama_fast rope tables are float32: 4 bytes)
+#   flops       (optional) pass -> floating-point operations: the row reports TFLOP/s
+#               against the matmul ceiling instead of GB/s against the copy ceiling
+#   shapes      (optional) grid -> its shapes, instead of bench/grid.py's memory_shapes
+#   passes      (optional) the passes it runs, instead of those its bytes name
 
 T_H = lambda s: s.tokens * s.hidden  # noqa: E731  elements of one (tokens, hidden) tensor
 T_I = lambda s: s.tokens * s.inter  # noqa: E731  elements of one (tokens, inter) tensor
 QK = lambda s: s.tokens * (s.q_heads + s.kv_heads) * s.head_dim  # noqa: E731  q and k elements
 TABLES = lambda s: 2 * s.tokens * (s.head_dim // 2) * 4  # noqa: E731  cos + sin, float32 (S, D/2)
+NHV = lambda s: s.tokens * s.hidden * s.vocab  # noqa: E731  multiply-adds of the lm_head's matmul
 
 CASES = [
     {
@@ -221,6 +259,24 @@ CASES = [
         "eager": (hf_swiglu_fused, ("gate_up",)),
         "bytes": {
             "fwd": lambda s, e: 3 * T_I(s) * e,  # read gate_up (2I wide); write y (I wide)
+        },
+    },
+    {
+        "op": "cross_entropy",
+        "shape": lambda s: f"hidden({s.tokens},{s.hidden}) weight({s.vocab},{s.hidden})",
+        "inputs": cross_entropy_inputs,
+        "grad": ("hidden", "weight"),
+        "llama_fast": ("fused_linear_cross_entropy", ("hidden", "weight", "target")),
+        "eager": (hf_linear_cross_entropy, ("hidden", "weight", "target")),
+        "shapes": cross_entropy_shapes,
+        "passes": ("fwd", "fwd+bwd"),
+        "bytes": {
+            "fwd": lambda s, e: (T_H(s) + s.vocab * s.hidden) * e + 8 * s.tokens,  # read hidden, weight, target
+            "bwd": lambda s, e: (T_H(s) + s.vocab * s.hidden) * e,  # write d hidden, d weight
+        },
+        "flops": {
+            "fwd": lambda s: 2 * NHV(s),  # the logits
+            "bwd": lambda s: 4 * NHV(s),  # d hidden and d weight
         },
     },
 ]

@@ -99,6 +99,11 @@ def liger_fn(op: str) -> tuple[Callable, tuple[str, ...]]:
         return rope, ("q", "k", "cos", "sin")
     if op == "swiglu":
         return F.liger_swiglu, ("gate", "up")
+    if op == "cross_entropy":
+        def fused_linear_ce(hidden, weight, target):
+            out = F.liger_fused_linear_cross_entropy(hidden, weight, target)
+            return out[0] if isinstance(out, tuple) else out  # some versions return (loss, z_loss)
+        return fused_linear_ce, ("hidden", "weight", "target")
     raise LookupError(f"Liger-Kernel has no functional op for {op}")
 
 

@@ -141,7 +141,7 @@ def markdown(report: dict) -> str:
     unavailable = [u for u in bench.get("unavailable", []) if u["what"] in ALL_PROVIDERS]
     if unavailable:
         lines.append("- unavailable here (null rows): " + "; ".join(f"{u['what']}: {u['why']}" for u in unavailable))
-    case_ops = {case["op"] for case in CASES}
+    case_ops = {case["op"] for case in CASES if "flops" not in case}
     peak = lambda r: _fmt(r["peak_mem_mb"], ".1f")  # noqa: E731
     lines += _table(
         "Memory-bound ops", "GB/s: the minimum bytes of the pass (bench/cases.py) over the time; % of the copy ceiling.",
@@ -149,6 +149,15 @@ def markdown(report: dict) -> str:
          "vs liger", "peak MiB"],
         [r for r in rows if r["op"] in case_ops],
         lambda r: [r["op"], r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".0f"),
+                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "eager"), _speedup(rows, r, "torch.compile"),
+                   _speedup(rows, r, "liger"), peak(r)])
+    lines += _table(
+        "Fused linear cross-entropy", "TFLOP/s: the lm_head's matmuls (2·N·H·V forward, 6·N·H·V forward + backward) "
+        "over the time; % of the bf16 matmul ceiling. Peak MiB: allocated above the inputs, gradients included.",
+        ["pass", "shape", "dtype", "provider", "ms", "TFLOP/s", "% of matmul", "vs eager", "vs torch.compile",
+         "vs liger", "peak MiB"],
+        [r for r in rows if r["op"] == "cross_entropy"],
+        lambda r: [r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".0f"),
                    _fmt(_pct(r), ".1f"), _speedup(rows, r, "eager"), _speedup(rows, r, "torch.compile"),
                    _speedup(rows, r, "liger"), peak(r)])
     lines += _table(

@@ -92,6 +92,13 @@ def bench_row(case: dict, s: Shapes, dtype: torch.dtype, pass_: str, provider: s
     gbps = _pass_bytes(case, s, pass_, dtype.itemsize) / (ms * 1e6)
     copy = ceilings.get("copy_gbps")
     row = empty_row(case, pass_, provider, s, dtype)
+    if "flops" in case:  # matmul-bound (cross_entropy): TFLOP/s against the matmul ceiling
+        passes = ("fwd", "bwd") if pass_ == "fwd+bwd" else (pass_,)
+        tflops = sum(case["flops"][p](s) for p in passes) / (ms * 1e9)
+        matmul = ceilings.get("bf16_tflops")
+        row.update(ms=_sig(ms), tflops=_sig(tflops), fraction_of_ceiling=_sig(tflops / matmul) if matmul else None,
+                   peak_mem_mb=None if peak is None else _sig(peak))
+        return row
     row.update(
         ms=_sig(ms),
         gbps=_sig(gbps),

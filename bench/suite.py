@@ -12,8 +12,8 @@ bench/gpu_check.py names them (gpu_check.json, gpu_check.md), one results-folder
 for both commands. Without --out: $OUT/bench.json, else
 bench/results/<gpu>-<date>/bench.json.
 
-Ops: rms_norm, add_rms_norm, rope (apply_rope), swiglu, swiglu_fused, attention, decode,
-train, infer. --smoke: tiny shapes, bf16, no torch.compile, no ceilings: a CPU check of the
+Ops: rms_norm, add_rms_norm, rope (apply_rope), swiglu, swiglu_fused, cross_entropy (the
+fused linear cross-entropy), attention, decode, train, infer. --smoke: tiny shapes, bf16, no torch.compile, no ceilings: a CPU check of the
 harness (the Triton kernels under the interpreter) that takes well under a minute.
 
 Order and budget: jobs run in tiers (``TIERS``): the memory-bound ops without a compiler,
@@ -154,8 +154,10 @@ def _memory_jobs(ctx: _Context, cases: list[dict]) -> list[Job]:
     providers = [p for p in MEMORY_PROVIDERS if p != "torch.compile" or ctx.cfg.compile]
     jobs = []
     for case in cases:
-        passes = [p for p in grids.PASSES if p in case["bytes"] or (p == "fwd+bwd" and "bwd" in case["bytes"])]
-        for s in grids.memory_shapes(ctx.grid):
+        passes = case.get("passes") or [
+            p for p in grids.PASSES if p in case["bytes"] or (p == "fwd+bwd" and "bwd" in case["bytes"])]
+        shapes = case["shapes"](ctx.grid) if "shapes" in case else grids.memory_shapes(ctx.grid)
+        for s in shapes:
             for dtype in ctx.dtypes:
                 for pass_ in passes:
                     for provider in providers:

@@ -11,6 +11,8 @@ Public API (all autograd-aware ``torch.library`` custom ops; see ``llama_fast.op
     flash_attn(q, k, v, *, causal=True, softmax_scale=None, return_lse=False)
     flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True, softmax_scale=None)
     flash_decode(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, num_splits=None)
+    fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, chunk_size=None) -> loss   # no (tokens x V) logits
     backend(name)   # "auto" | "torch" | "triton" | "cuda"; also LLAMA_FAST_BACKEND
     info() -> dict
     patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True) -> report; unpatch(model)
@@ -30,6 +32,7 @@ from llama_fast.ops import (
     flash_attn,
     flash_attn_varlen,
     flash_decode,
+    fused_linear_cross_entropy,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -49,6 +52,7 @@ __all__ = [
     "flash_attn",
     "flash_attn_varlen",
     "flash_decode",
+    "fused_linear_cross_entropy",
     "generate",
     "info",
     "load_checkpoint",

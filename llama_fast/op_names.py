@@ -12,7 +12,7 @@ from typing import Iterable
 
 # The public ops, in the order the README and ``llama_fast.__all__`` present them.
 PUBLIC_OPS = ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_fused",
-              "flash_attn", "flash_attn_varlen", "flash_decode")
+              "flash_attn", "flash_attn_varlen", "flash_decode", "fused_linear_cross_entropy")
 
 # internal op -> (the public ops it serves, which pass of them; "" when it is the whole op).
 INTERNAL_OPS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -27,6 +27,8 @@ INTERNAL_OPS: dict[str, tuple[tuple[str, ...], str]] = {
     "attn_varlen_fwd": (("flash_attn_varlen",), "forward"),
     "attn_varlen_bwd": (("flash_attn_varlen",), "backward"),
     "decode": (("flash_decode",), ""),  # inference only: no backward
+    # One op computes the loss and the gradients (in the forward; the backward scales them).
+    "linear_cross_entropy": (("fused_linear_cross_entropy",), ""),
 }
 
 

@@ -212,3 +212,145 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     lengths = cache_seqlens.clamp(0, k_cache.shape[1]).tolist()
     out = [_attn_one(q[b], k_cache[b, :n], v_cache[b, :n], True, scale)[0] for b, n in enumerate(lengths)]
     return torch.stack(out) if out else _alloc.empty(q.shape, q.dtype, q.device)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused linear cross-entropy. The tokens are walked in chunks: a chunk's logits come from
+# one matmul (float32 accumulation, rounded to the input dtype as F.linear rounds them),
+# the per-chunk step turns them, in place, into the loss and d loss / d logits (float32
+# softmax), and the two gradient matmuls consume that buffer before the next chunk reuses
+# it. The Triton backend runs this same loop with its kernel as the per-chunk step.
+
+# Chunk rows: about as many logits as hidden has values (N * H / V tokens), so the chunk
+# costs about what hidden costs; but at least MIN_CHUNK_ROWS, because every chunk reads
+# the weight twice and the float32 weight-gradient accumulator twice (12 V*H bytes for
+# 16-bit weights), which a thinner matmul cannot hide behind its arithmetic on a GPU.
+MIN_CHUNK_ROWS = 1024
+
+
+def linear_ce_chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
+    """The default chunk size (tokens per chunk) of the fused linear cross-entropy."""
+    rows = 1 << max(0, (-(-tokens * hidden // max(1, vocab)) - 1).bit_length())  # next power of two
+    return max(1, min(tokens, max(MIN_CHUNK_ROWS, rows)))
+
+
+def cross_entropy_chunk(logits, target, scale, ignore_index, label_smoothing, compute_grad):
+    """Per-row cross-entropy of ``logits`` (rows, V) against ``target`` (rows,): returns the
+    float32 ``(loss, lse)``; with ``compute_grad`` the logits are overwritten with
+    ``scale * d loss / d logits`` (``scale``: float32, one element or one per row), zero
+    rows for ignored tokens. PyTorch's label smoothing: ``(1 - eps) * nll + eps * mean_v(-log p_v)``.
+    A target outside [0, V) that is not ignore_index gives a NaN loss."""
+    v = logits.shape[1]
+    z = logits.to(F32)  # the logits themselves when they are float32 (a scratch buffer: reused in place)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < v)
+    z_y = z.gather(1, target.clamp(0, v - 1)[:, None])[:, 0]
+    z_y = torch.where(in_range | ignored, z_y, float("nan"))
+    z_mean = z.sum(1) / v if label_smoothing else None
+    # exp(z - max) in place, so the step needs no temporary of the chunk's size; divided by
+    # its row sum it is the softmax, the start of the gradient.
+    m = z.amax(1)
+    p = z.sub_(m[:, None]).exp_()
+    s = p.sum(1)
+    lse = m + s.log()
+    loss = lse - z_y
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_mean)
+    loss = torch.where(ignored, 0.0, loss)
+    if compute_grad:
+        row_scale = scale.expand(target.shape) if scale.numel() == 1 else scale
+        row_scale = torch.where(ignored, 0.0, row_scale)  # not 0 * inf: "mean" of no tokens scales by inf
+        g = p.div_(s[:, None])
+        if label_smoothing:
+            g.sub_(label_smoothing / v)
+        rows = torch.arange(g.shape[0], device=g.device)
+        hit = in_range & ~ignored
+        g[rows[hit], target[hit]] -= 1.0 - label_smoothing
+        g.mul_(row_scale[:, None])
+        if g.data_ptr() != logits.data_ptr():
+            logits.copy_(g)
+    return loss, lse
+
+
+def _accumulate(acc, a, b, first):
+    """``acc (+)= a @ b`` for ``a``, ``b`` in the inputs' dtype and ``acc`` in theirs or float32."""
+    if acc.dtype == a.dtype:
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+    elif acc.is_cuda and _FLOAT32_OUT_MATMUL[0]:
+        # cuBLAS writes / adds into float32 directly (torch >= 2.8): no temporary. Should a
+        # build refuse it, the fallback below serves from then on.
+        try:
+            torch.mm(a, b, out_dtype=F32, out=acc) if first else torch.addmm(acc, a, b, out_dtype=F32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _FLOAT32_OUT_MATMUL[0] = False
+    if acc.dtype != a.dtype:  # no float32-output matmul of 16-bit inputs: a temporary of acc's size
+        product = torch.mm(a, b)
+        acc.copy_(product) if first else acc.add_(product)
+
+
+_FLOAT32_OUT_MATMUL = [True]
+
+
+def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
+                         grads, row_scale, chunk_fn=cross_entropy_chunk):
+    """Registry entry "linear_cross_entropy" (torch): ``F.cross_entropy(F.linear(hidden,
+    weight, bias), target, ...)`` for ``hidden`` (N, H) and ``target`` (N,), chunk by chunk.
+
+    Returns ``(loss, grad_hidden, grad_weight, grad_bias)``. ``loss`` is float32: a scalar
+    for "mean" and "sum", per token for "none". ``grads`` says which gradients to compute,
+    each scaled by the reduction ("mean": 1 / non-ignored tokens) or, when ``row_scale``
+    (float32 (N,)) is given, by one factor per token (the backward of "none"); a gradient
+    not asked for comes back empty. Gradients are in their tensors' dtypes; the weight and
+    bias gradients are summed over chunks in float32.
+
+    Extra memory: one chunk's logits, ``chunk_size * V`` in the input dtype (the per-chunk
+    step of this backend adds a float32 copy for 16-bit inputs), plus, for 16-bit weights
+    and more than one chunk, the float32 accumulators (V * H and V)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    want_h, want_w, want_b = grads
+    want_b = want_b and bias is not None
+    chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, v)))
+    dev = hidden.device
+    losses = _alloc.empty((n,), F32, dev)
+    compute_grad = want_h or want_w or want_b
+    if row_scale is not None:
+        scale = row_scale.to(F32)
+    elif reduction == "mean":
+        scale = 1.0 / (target != ignore_index).sum().to(F32)  # a tensor: no device sync
+    else:
+        scale = torch.ones((), dtype=F32, device=dev)
+    one_chunk = n <= chunk
+    gh = _alloc.empty((n, h), hidden.dtype, dev) if want_h else hidden.new_empty(0)
+    # One chunk: the gradients are written once, straight in their dtype; else summed in float32.
+    gw = (_alloc.empty((v, h), weight.dtype if one_chunk else F32, dev) if want_w
+          else weight.new_empty(0))
+    gb = torch.zeros(v, dtype=F32, device=dev) if want_b else hidden.new_empty(0)
+    buf = _alloc.empty((chunk, v), hidden.dtype, dev) if n else None
+    wt = weight.t()
+    for i0 in range(0, n, chunk):
+        x = hidden[i0 : i0 + chunk]
+        logits = buf[: x.shape[0]]
+        if bias is None:
+            torch.mm(x, wt, out=logits)
+        else:
+            torch.addmm(bias, x, wt, out=logits)
+        chunk_scale = scale if scale.numel() == 1 else scale[i0 : i0 + chunk]
+        loss, _ = chunk_fn(logits, target[i0 : i0 + chunk], chunk_scale, ignore_index, label_smoothing, compute_grad)
+        losses[i0 : i0 + chunk] = loss
+        if want_h:
+            torch.mm(logits, weight, out=gh[i0 : i0 + chunk])
+        if want_w:
+            _accumulate(gw, logits.t(), x, first=i0 == 0)
+        if want_b:
+            gb += logits.sum(0, dtype=F32)
+    del buf
+    if want_w and gw.dtype != weight.dtype:
+        gw = gw.to(weight.dtype)
+    if want_b:
+        gb = gb.to(bias.dtype)
+    if reduction == "none" or row_scale is not None:
+        return losses, gh, gw, gb
+    total = losses.sum()
+    return (total * scale if reduction == "mean" else total), gh, gw, gb

@@ -23,7 +23,7 @@ from llama_fast.bench import end_to_end as e2e, suite
 SCHEMA_TOP = {"device", "torch", "triton", "commit", "ceilings", "rows"}
 ROW_KEYS = {"op", "shape", "dtype", "pass", "provider", "ms", "gbps", "tflops", "fraction_of_ceiling", "peak_mem_mb"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-OPS = "rms_norm,decode,train,infer"
+OPS = "rms_norm,cross_entropy,decode,train,infer"
 
 
 def _bench(*args, timeout=240):
@@ -55,12 +55,16 @@ def test_json_schema(smoke):
 def test_ops_and_dtypes_filter(smoke):
     _, _, report = smoke
     rows = report["rows"]
-    assert {r["op"] for r in rows} == {"rms_norm", "decode", "train", "infer"}
-    for op in ("rms_norm", "decode"):
+    assert {r["op"] for r in rows} == {"rms_norm", "cross_entropy", "decode", "train", "infer"}
+    for op in ("rms_norm", "cross_entropy", "decode"):
         assert {r["dtype"] for r in rows if r["op"] == op} == {"bfloat16", "float16"}
     assert {r["dtype"] for r in rows if r["op"] in ("train", "infer")} == {"bfloat16"}  # models are bf16
     measured = {(r["pass"], r["provider"], r["dtype"]) for r in rows if r["op"] == "rms_norm" and r["ms"]}
     assert {(p, "triton", d) for p in ("fwd", "bwd", "fwd+bwd") for d in ("bfloat16", "float16")} <= measured
+    # The fused linear cross-entropy is matmul-bound: TFLOP/s rows, no backward-alone pass.
+    ce = [r for r in rows if r["op"] == "cross_entropy"]
+    assert {r["pass"] for r in ce} == {"fwd", "fwd+bwd"}
+    assert all(r["tflops"] > 0 and r["gbps"] is None for r in ce if r["provider"] in ("triton", "eager")), ce
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these providers may well run")
@@ -98,6 +102,7 @@ def test_markdown_progress_and_plots(smoke):
     text = out.with_suffix(".md").read_text()
     assert "| op | pass | shape | dtype | provider | ms | GB/s |" in text
     assert "## Training step (end to end)" in text and "## Inference (end to end, reference model)" in text
+    assert "## Fused linear cross-entropy" in text
     assert "## Attention" not in text  # --ops left it out
     assert done.stdout.endswith(text)  # the table is printed last
     assert re.search(r"^\[ *\d+/\d+\] rms_norm fwd x\(16,256\) bf16 triton", done.stderr, re.M), done.stderr[-2000:]

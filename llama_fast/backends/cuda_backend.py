@@ -35,6 +35,7 @@ GAPS = {
     "attn_varlen_bwd": "always (the attention backward runs the Triton kernels)",
     "attn_fwd": "float32, or head dims other than 64 and 128",
     "attn_varlen_fwd": "float32, or head dims other than 64 and 128",
+    "linear_cross_entropy": "always (its matmuls are cuBLAS either way; the softmax step is the Triton kernel)",
     "decode": "head dims above 256, more than 64 query rows (GQA group x Sq) per KV head, or float32 with head "
               "dim > 128 and > 16 rows",
 }

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from llama_fast import reference
+
 from .base import Backend, load_reason
 
 
@@ -20,7 +22,7 @@ def interpreter_on() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     OPS = frozenset({"rms_norm_fwd", "rms_norm_bwd", "rope_fwd", "swiglu_fwd", "swiglu_bwd", "attn_fwd", "attn_bwd",
-                     "attn_varlen_fwd", "attn_varlen_bwd", "decode"})
+                     "attn_varlen_fwd", "attn_varlen_bwd", "decode", "linear_cross_entropy"})
 
     @functools.cached_property
     def _import_why(self) -> str | None:  # once: the dispatcher asks on every call
@@ -42,7 +44,7 @@ class TritonBackend(Backend):
     def load_ops(self):
         # Imported on first use, not at import: importing triton fixes TRITON_INTERPRET for the
         # process, and `import llama_fast` must leave that to the caller.
-        from llama_fast.kernels import flash_attn, flash_decode, rms_norm, rope, swiglu
+        from llama_fast.kernels import cross_entropy, flash_attn, flash_decode, rms_norm, rope, swiglu
 
         return {
             "rms_norm_fwd": rms_norm.rms_norm_fwd, "rms_norm_bwd": rms_norm.rms_norm_bwd,
@@ -51,4 +53,8 @@ class TritonBackend(Backend):
             "attn_fwd": flash_attn.attn_fwd, "attn_bwd": flash_attn.attn_bwd,
             "attn_varlen_fwd": flash_attn.attn_varlen_fwd, "attn_varlen_bwd": flash_attn.attn_varlen_bwd,
             "decode": flash_decode.decode,
+            # The chunked loop's matmuls stay cuBLAS (through torch); the kernel is the
+            # per-chunk softmax, loss and logits gradient.
+            "linear_cross_entropy": functools.partial(reference.linear_cross_entropy,
+                                                      chunk_fn=cross_entropy.cross_entropy_chunk),
         }

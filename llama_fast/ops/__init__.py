@@ -9,6 +9,7 @@ break, and the backend is chosen at run time. Backward passes are custom ops too
 compiled training graphs keep the fused kernels.
 """
 from ._checks import SUPPORTED_DTYPES
+from .cross_entropy import fused_linear_cross_entropy
 from .attention import MAX_HEAD_DIM, flash_attn, flash_attn_varlen, flash_decode
 from .norm import MAX_NORM_SIZE, add_rms_norm, rms_norm
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -19,6 +20,7 @@ __all__ = [
     "flash_attn",
     "flash_attn_varlen",
     "flash_decode",
+    "fused_linear_cross_entropy",
     "MAX_NORM_SIZE",
     "SUPPORTED_DTYPES",
     "add_rms_norm",

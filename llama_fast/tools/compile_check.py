@@ -72,6 +72,7 @@ KERNEL_MODULES = (
     "llama_fast.kernels.swiglu",
     "llama_fast.kernels.flash_attn",
     "llama_fast.kernels.flash_decode",
+    "llama_fast.kernels.cross_entropy",
 )
 DEFAULT_ARCHS = (80, 90)
 
