@@ -569,3 +569,8 @@ def compile_configs():
                     if name.startswith("stride_") or name in ("q_heads", "seq_q", "seq_k"):
                         hints[name] = 16
             yield kernel, signature, constexprs, options, hints
+
+
+# The triton backend's implementations from this file, by the dispatcher's op names.
+LAUNCHERS = {"attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "attn_varlen_fwd": attn_varlen_fwd,
+             "attn_varlen_bwd": attn_varlen_bwd}

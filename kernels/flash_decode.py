@@ -373,3 +373,7 @@ def compile_configs():
         hints = {"q_len": 1, "q_heads": 16, "stride_ob": 16, "stride_os": 16, "stride_oh": 16,
                  **({"num_splits": 16} if splits == MAX_COMBINE_SPLITS else {})}
         yield _flash_decode_combine_kernel, sig, dict(HEAD_DIM=head_dim, **cfg), options, hints
+
+
+# The triton backend's implementations from this file, by the dispatcher's op names.
+LAUNCHERS = {"decode": decode}

@@ -177,3 +177,7 @@ def compile_configs():
                 }
                 yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), warps,
                        {k: v for k, v in hints.items() if k in sig and v})
+
+
+# The triton backend's implementations from this file, by the dispatcher's op names.
+LAUNCHERS = {"rms_norm_fwd": rms_norm_fwd, "rms_norm_bwd": rms_norm_bwd}

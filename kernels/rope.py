@@ -141,3 +141,7 @@ def compile_configs():
         for interleaved in (False, True):
             for inverse in (False, True):
                 yield _rope_kernel, signature, dict(cfg, INTERLEAVED=interleaved, INVERSE=inverse), warps, hints
+
+
+# The triton backend's implementations from this file, by the dispatcher's op names.
+LAUNCHERS = {"rope_fwd": rope_fwd}

@@ -137,3 +137,7 @@ def compile_configs():
                 "stride_dy": "i32", "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32",
             }
             yield _swiglu_bwd_kernel, sig, cfg, warps, {k: v for k, v in hints.items() if k in sig and v}
+
+
+# The triton backend's implementations from this file, by the dispatcher's op names.
+LAUNCHERS = {"swiglu_fwd": swiglu_fwd, "swiglu_bwd": swiglu_bwd}

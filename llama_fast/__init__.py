@@ -26,19 +26,8 @@ from llama_fast.checkpoint import load_checkpoint
 from llama_fast.generation import generate
 from llama_fast.model import ModelArgs, Transformer
 from llama_fast.patching import patch, patch_transformers, unpatch, unpatch_transformers
-from llama_fast.ops import (
-    add_rms_norm,
-    apply_rope,
-    flash_attn,
-    flash_attn_varlen,
-    flash_decode,
-    fused_linear_cross_entropy,
-    rms_norm,
-    rope_cos_sin,
-    rope_inv_freq,
-    swiglu,
-    swiglu_fused,
-)
+from llama_fast import ops
+from llama_fast.ops import *  # noqa: F403  (the public ops: exactly ops.__all__)
 
 __version__ = "0.1.0"
 
@@ -46,23 +35,13 @@ __all__ = [
     "BackendUnavailableError",
     "ModelArgs",
     "Transformer",
-    "add_rms_norm",
-    "apply_rope",
     "backend",
-    "flash_attn",
-    "flash_attn_varlen",
-    "flash_decode",
-    "fused_linear_cross_entropy",
     "generate",
     "info",
     "load_checkpoint",
     "patch",
     "patch_transformers",
-    "rms_norm",
-    "rope_cos_sin",
-    "rope_inv_freq",
-    "swiglu",
-    "swiglu_fused",
     "unpatch",
     "unpatch_transformers",
+    *ops.__all__,
 ]

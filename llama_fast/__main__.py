@@ -54,6 +54,8 @@ def _op_cases(device, dtype):
     # Two packed sequences of 5 and 11 tokens; two cached sequences of 7 and 20 entries.
     cu = int32(0, 5, t)
     cache_len, seqlens = 32, int32(7, 20)
+    vocab = 1000  # not a multiple of the kernel's vocabulary tile
+    targets = torch.randint(0, vocab, (t,), device=device)
     return [
         ("rms_norm", lambda x, w: llama_fast.rms_norm(x, w), [rand(t, hidden), rand(hidden)], True),
         ("add_rms_norm", lambda x, r, w: llama_fast.add_rms_norm(x, r, w),
@@ -69,6 +71,8 @@ def _op_cases(device, dtype):
         ("flash_decode", lambda q, kc, vc: llama_fast.flash_decode(q, kc, vc, seqlens),
          [rand(2, 1, heads, head_dim), rand(2, cache_len, kv_heads, head_dim), rand(2, cache_len, kv_heads, head_dim)],
          False),  # inference only: no backward
+        ("fused_linear_cross_entropy", lambda h, w: llama_fast.fused_linear_cross_entropy(h, w, targets),
+         [rand(t, hidden), rand(vocab, hidden) / hidden**0.5], True),
     ]
 
 
@@ -114,7 +118,8 @@ def selfcheck() -> int:
     interpreted = device.type == "cpu"
     ms_head = "ms (CPU, not GPU)" if interpreted else "ms (1st call)"
     print(f"checking {', '.join(available)} against the torch reference on {device.type}, forward and backward:")
-    header = f"{'op':<19}{'backend':<9}{'dtype':<10}{'abs diff':>10}{'rel diff':>10}{'tol':>9}{ms_head:>19}  result"
+    width = 2 + max(len(name) for name, *_ in _op_cases(device, torch.float32))
+    header = f"{'op':<{width}}{'backend':<9}{'dtype':<10}{'abs diff':>10}{'rel diff':>10}{'tol':>9}{ms_head:>19}  result"
     print(header)
     print("-" * len(header))
     failures = 0
@@ -123,7 +128,7 @@ def selfcheck() -> int:
         for name, fn, inputs, backward in _op_cases(device, dtype):
             expected = _run(fn, inputs, "torch", backward)
             for backend in available:
-                row = f"{name:<19}{backend:<9}{str(dtype)[6:]:<10}"
+                row = f"{name:<{width}}{backend:<9}{str(dtype)[6:]:<10}"
                 start = time.perf_counter()
                 try:
                     got = _run(fn, inputs, backend, backward)

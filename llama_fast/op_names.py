@@ -1,6 +1,6 @@
 """The public API names of the backends' internal ops.
 
-The backends register implementations under internal names (``rms_norm_fwd``, ``attn_bwd``,
+The backends implement ops under internal names (``rms_norm_fwd``, ``attn_bwd``,
 ``decode``) that split an op into its passes and share one kernel between two public ops
 (``rms_norm`` and ``add_rms_norm`` run the same kernel). A user only knows the public
 functions, so ``info`` and error messages speak of those. This module imports nothing of the
@@ -10,26 +10,19 @@ from __future__ import annotations
 
 from typing import Iterable
 
-# The public ops, in the order the README and ``llama_fast.__all__`` present them.
-PUBLIC_OPS = ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_fused",
-              "flash_attn", "flash_attn_varlen", "flash_decode", "fused_linear_cross_entropy")
-
+# Filled by the op modules as they are imported (``describe``), in ``llama_fast.ops``'s order:
+# each op's file names its own internal ops, so adding an op touches no table here.
+PUBLIC_OPS: list[str] = []
 # internal op -> (the public ops it serves, which pass of them; "" when it is the whole op).
-INTERNAL_OPS: dict[str, tuple[tuple[str, ...], str]] = {
-    "rms_norm_fwd": (("rms_norm", "add_rms_norm"), "forward"),
-    "rms_norm_bwd": (("rms_norm", "add_rms_norm"), "backward"),
-    # The backward of a rotation is the inverse rotation: one kernel, both passes.
-    "rope_fwd": (("apply_rope",), ""),
-    "swiglu_fwd": (("swiglu", "swiglu_fused"), "forward"),
-    "swiglu_bwd": (("swiglu", "swiglu_fused"), "backward"),
-    "attn_fwd": (("flash_attn",), "forward"),
-    "attn_bwd": (("flash_attn",), "backward"),
-    "attn_varlen_fwd": (("flash_attn_varlen",), "forward"),
-    "attn_varlen_bwd": (("flash_attn_varlen",), "backward"),
-    "decode": (("flash_decode",), ""),  # inference only: no backward
-    # One op computes the loss and the gradients (in the forward; the backward scales them).
-    "linear_cross_entropy": (("fused_linear_cross_entropy",), ""),
-}
+INTERNAL_OPS: dict[str, tuple[tuple[str, ...], str]] = {}
+
+
+def describe(internal: str, public: str | tuple[str, ...], which: str = "") -> None:
+    """Name internal op ``internal`` to users: it is ``which`` pass ("forward", "backward"; ""
+    for the whole op) of the public op(s) ``public``."""
+    public = (public,) if isinstance(public, str) else tuple(public)
+    INTERNAL_OPS[internal] = (public, which)
+    PUBLIC_OPS.extend(name for name in public if name not in PUBLIC_OPS)
 
 
 def public_op_name(internal: str) -> str:

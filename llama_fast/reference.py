@@ -354,3 +354,15 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
         return losses, gh, gw, gb
     total = losses.sum()
     return (total * scale if reduction == "mean" else total), gh, gw, gb
+
+
+# Backend "torch": every op of the dispatcher, by its name (the other backends implement
+# some or all of these, with the same signatures).
+IMPLEMENTATIONS = {
+    "rms_norm_fwd": rms_norm_fwd, "rms_norm_bwd": rms_norm_bwd,
+    "rope_fwd": rope_fwd,
+    "swiglu_fwd": swiglu_fwd, "swiglu_bwd": swiglu_bwd,
+    "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "attn_varlen_fwd": attn_varlen_fwd, "attn_varlen_bwd": attn_varlen_bwd,
+    "decode": decode,
+    "linear_cross_entropy": linear_cross_entropy,
+}

@@ -89,7 +89,8 @@ def test_summary_of_a_gpu_machine_names_routed_ops_publicly():
     assert "torch 2.9.0+cu128 (CUDA 12.8)" in text
     assert "flash_attn (backward): always" in text and "attn_bwd" not in text
     # a backend with some ops lists them; the extension is built, so no build hint
-    assert "NOT available (serves rms_norm, add_rms_norm, flash_attn, flash_decode where it runs): no CUDA GPU" in flat
+    assert set(public_ops_served(ops)) == {"rms_norm", "add_rms_norm", "flash_attn", "flash_decode"}
+    assert f"NOT available (serves {', '.join(public_ops_served(ops))} where it runs): no CUDA GPU" in flat
     assert "pip builds the extension" not in text
 
 

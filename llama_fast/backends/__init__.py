@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from llama_fast.op_names import INTERNAL_OPS, public_op_name
+from llama_fast import reference
+from llama_fast.op_names import public_op_name
 
 from .base import Backend
 from .cuda_backend import GAPS as CUDA_GAPS
@@ -44,8 +45,9 @@ __all__ = ["AUTO_ORDER_CUDA", "BACKENDS", "Backend", "BackendUnavailableError", 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
-# The dispatcher's op names (ops split into passes; llama_fast.op_names names them to users).
-OPS = tuple(INTERNAL_OPS)
+# The dispatcher's op names: every op has a reference implementation (ops split into passes;
+# llama_fast.op_names names them to users).
+OPS = tuple(reference.IMPLEMENTATIONS)
 
 # The routing rule: what a backend's kernels do not cover goes to this backend.
 ROUTES = {"cuda": "triton"}

@@ -6,10 +6,11 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import pkgutil
 
 import torch
 
-from llama_fast import reference
+from llama_fast import kernels, reference  # kernels: a namespace package, importing it imports no kernel
 
 from .base import Backend, load_reason
 
@@ -19,10 +20,20 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def kernel_modules() -> list[str]:
+    """The Triton files (``kernels/*.py`` but the shared ``_common``), found without importing
+    them: importing triton fixes TRITON_INTERPRET for the process."""
+    return sorted(f"llama_fast.kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)
+                  if not m.name.startswith("_"))
+
+
 class TritonBackend(Backend):
+    """Every op has a Triton kernel (one file per op): each file's ``LAUNCHERS`` maps the
+    dispatcher's op names to its launchers, and ``CHUNK_STEPS`` to per-chunk steps of a
+    chunked loop of the reference (the fused cross-entropy's softmax step)."""
+
     name = "triton"
-    OPS = frozenset({"rms_norm_fwd", "rms_norm_bwd", "rope_fwd", "swiglu_fwd", "swiglu_bwd", "attn_fwd", "attn_bwd",
-                     "attn_varlen_fwd", "attn_varlen_bwd", "decode", "linear_cross_entropy"})
+    OPS = frozenset(reference.IMPLEMENTATIONS)
 
     @functools.cached_property
     def _import_why(self) -> str | None:  # once: the dispatcher asks on every call
@@ -42,19 +53,11 @@ class TritonBackend(Backend):
         return f"backend 'triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
 
     def load_ops(self):
-        # Imported on first use, not at import: importing triton fixes TRITON_INTERPRET for the
-        # process, and `import llama_fast` must leave that to the caller.
-        from llama_fast.kernels import cross_entropy, flash_attn, flash_decode, rms_norm, rope, swiglu
-
-        return {
-            "rms_norm_fwd": rms_norm.rms_norm_fwd, "rms_norm_bwd": rms_norm.rms_norm_bwd,
-            "rope_fwd": rope.rope_fwd,
-            "swiglu_fwd": swiglu.swiglu_fwd, "swiglu_bwd": swiglu.swiglu_bwd,
-            "attn_fwd": flash_attn.attn_fwd, "attn_bwd": flash_attn.attn_bwd,
-            "attn_varlen_fwd": flash_attn.attn_varlen_fwd, "attn_varlen_bwd": flash_attn.attn_varlen_bwd,
-            "decode": flash_decode.decode,
-            # The chunked loop's matmuls stay cuBLAS (through torch); the kernel is the
-            # per-chunk softmax, loss and logits gradient.
-            "linear_cross_entropy": functools.partial(reference.linear_cross_entropy,
-                                                      chunk_fn=cross_entropy.cross_entropy_chunk),
-        }
+        # On first use, not at import (see kernel_modules).
+        ops = {}
+        for name in kernel_modules():
+            module = importlib.import_module(name)
+            ops.update(module.LAUNCHERS)
+            for op, step in getattr(module, "CHUNK_STEPS", {}).items():
+                ops[op] = functools.partial(reference.IMPLEMENTATIONS[op], chunk_fn=step)
+        return ops

@@ -8,26 +8,19 @@ are opaque to ``torch.compile``: with their fake impls it compiles callers with 
 break, and the backend is chosen at run time. Backward passes are custom ops too, so
 compiled training graphs keep the fused kernels.
 """
-from ._checks import SUPPORTED_DTYPES
-from .cross_entropy import fused_linear_cross_entropy
-from .attention import MAX_HEAD_DIM, flash_attn, flash_attn_varlen, flash_decode
-from .norm import MAX_NORM_SIZE, add_rms_norm, rms_norm
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .swiglu import swiglu, swiglu_fused
+import importlib
+import pkgutil
 
-__all__ = [
-    "MAX_HEAD_DIM",
-    "flash_attn",
-    "flash_attn_varlen",
-    "flash_decode",
-    "fused_linear_cross_entropy",
-    "MAX_NORM_SIZE",
-    "SUPPORTED_DTYPES",
-    "add_rms_norm",
-    "apply_rope",
-    "rms_norm",
-    "rope_cos_sin",
-    "rope_inv_freq",
-    "swiglu",
-    "swiglu_fused",
-]
+# The limits the modules above the ops check inputs against.
+from ._checks import SUPPORTED_DTYPES  # noqa: F401
+from .attention import MAX_HEAD_DIM  # noqa: F401
+from .norm import MAX_NORM_SIZE  # noqa: F401
+
+# Every op module of this package (one file per op) is imported here and its ``__all__``
+# re-exported, so adding an op is adding its file; llama_fast re-exports the same names.
+__all__: list[str] = []
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        _ops = importlib.import_module(f"{__name__}.{_module.name}")
+        globals().update({name: getattr(_ops, name) for name in _ops.__all__})
+        __all__ += _ops.__all__

@@ -14,9 +14,18 @@ import torch
 from torch import Tensor
 
 from llama_fast.backends import run
+from llama_fast.op_names import describe
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
+
+__all__ = ["flash_attn", "flash_attn_varlen", "flash_decode"]  # the public ops of this file (llama_fast.ops re-exports them)
+
+describe("attn_fwd", "flash_attn", "forward")
+describe("attn_bwd", "flash_attn", "backward")
+describe("attn_varlen_fwd", "flash_attn_varlen", "forward")
+describe("attn_varlen_bwd", "flash_attn_varlen", "backward")
+describe("decode", "flash_decode")  # inference only: no backward
 
 MAX_HEAD_DIM = 256
 

@@ -18,9 +18,14 @@ import torch
 from torch import Tensor
 
 from llama_fast.backends import run
+from llama_fast.op_names import describe
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
+
+__all__ = ["fused_linear_cross_entropy"]  # the public ops of this file (llama_fast.ops re-exports them)
+
+describe("linear_cross_entropy", "fused_linear_cross_entropy")  # the gradients come from the forward
 
 REDUCTIONS = ("mean", "sum", "none")
 OP = "linear_cross_entropy"

@@ -8,9 +8,15 @@ import torch
 from torch import Tensor
 
 from llama_fast.backends import run
+from llama_fast.op_names import describe
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
+
+__all__ = ["rms_norm", "add_rms_norm"]  # the public ops of this file (llama_fast.ops re-exports them)
+
+describe("rms_norm_fwd", ("rms_norm", "add_rms_norm"), "forward")
+describe("rms_norm_bwd", ("rms_norm", "add_rms_norm"), "backward")
 
 MAX_NORM_SIZE = 65536  # one row of RMSNorm lives in registers; see kernels/rms_norm.py
 

@@ -7,9 +7,14 @@ import torch
 from torch import Tensor
 
 from llama_fast.backends import run
+from llama_fast.op_names import describe
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
+
+__all__ = ["rope_cos_sin", "rope_inv_freq", "apply_rope"]  # the public ops of this file (llama_fast.ops re-exports them)
+
+describe("rope_fwd", "apply_rope")  # the backward of a rotation is the inverse rotation: one kernel
 
 
 def rope_inv_freq(head_dim: int, theta: float = 500000.0, scaling: dict | None = None, device=None) -> Tensor:

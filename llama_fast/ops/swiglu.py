@@ -6,9 +6,15 @@ from torch import Tensor
 
 from llama_fast import _alloc
 from llama_fast.backends import run
+from llama_fast.op_names import describe
 
 from ._autograd import register_autograd
 from ._checks import check_same, check_tensor
+
+__all__ = ["swiglu", "swiglu_fused"]  # the public ops of this file (llama_fast.ops re-exports them)
+
+describe("swiglu_fwd", ("swiglu", "swiglu_fused"), "forward")
+describe("swiglu_bwd", ("swiglu", "swiglu_fused"), "backward")
 
 
 @torch.library.custom_op("llama_fast::swiglu", mutates_args=())

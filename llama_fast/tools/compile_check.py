@@ -66,14 +66,9 @@ import tempfile
 import time
 import traceback
 
-KERNEL_MODULES = (
-    "llama_fast.kernels.rms_norm",
-    "llama_fast.kernels.rope",
-    "llama_fast.kernels.swiglu",
-    "llama_fast.kernels.flash_attn",
-    "llama_fast.kernels.flash_decode",
-    "llama_fast.kernels.cross_entropy",
-)
+from llama_fast.backends.triton_backend import kernel_modules
+
+KERNEL_MODULES = tuple(kernel_modules())  # every kernels/*.py: a new op's file is covered by itself
 DEFAULT_ARCHS = (80, 90)
 
 
