@@ -151,25 +151,24 @@ def markdown(report: dict) -> str:
         lambda r: [r["op"], r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".0f"),
                    _fmt(_pct(r), ".1f"), _speedup(rows, r, "eager"), _speedup(rows, r, "torch.compile"),
                    _speedup(rows, r, "liger"), peak(r)])
-    lines += _table(
+
+    def matmul_table(title: str, note: str, op: str, versus: tuple[str, str, str]) -> list[str]:
+        """A table of a matmul-bound op: TFLOP/s, % of the matmul ceiling, speed-ups over ``versus``."""
+        return _table(
+            title, note, ["pass", "shape", "dtype", "provider", "ms", "TFLOP/s", "% of matmul",
+                          *(f"vs {v}" for v in versus), "peak MiB"],
+            [r for r in rows if r["op"] == op],
+            lambda r: [r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".0f"),
+                       _fmt(_pct(r), ".1f"), *(_speedup(rows, r, v) for v in versus), peak(r)])
+
+    lines += matmul_table(
         "Fused linear cross-entropy", "TFLOP/s: the lm_head's matmuls (2·N·H·V forward, 6·N·H·V forward + backward) "
         "over the time; % of the bf16 matmul ceiling. Peak MiB: allocated above the inputs, gradients included.",
-        ["pass", "shape", "dtype", "provider", "ms", "TFLOP/s", "% of matmul", "vs eager", "vs torch.compile",
-         "vs liger", "peak MiB"],
-        [r for r in rows if r["op"] == "cross_entropy"],
-        lambda r: [r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".0f"),
-                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "eager"), _speedup(rows, r, "torch.compile"),
-                   _speedup(rows, r, "liger"), peak(r)])
-    lines += _table(
+        "cross_entropy", ("eager", "torch.compile", "liger"))
+    lines += matmul_table(
         "Attention (flash_attn)",
         "TFLOP/s: forward 4·B·Hq·Sq·Sk·D (halved when causal), backward 2.5×, fwd+bwd 3.5× forward; "
-        "% of the bf16 matmul ceiling.",
-        ["pass", "shape", "dtype", "provider", "ms", "TFLOP/s", "% of matmul", "vs sdpa_flash", "vs sdpa_cudnn",
-         "vs flash-attn", "peak MiB"],
-        [r for r in rows if r["op"] == "attention"],
-        lambda r: [r["pass"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".0f"),
-                   _fmt(_pct(r), ".1f"), _speedup(rows, r, "sdpa_flash"), _speedup(rows, r, "sdpa_cudnn"),
-                   _speedup(rows, r, "flash-attn"), peak(r)])
+        "% of the bf16 matmul ceiling.", "attention", ("sdpa_flash", "sdpa_cudnn", "flash-attn"))
     lines += _table(
         "Decode (flash_decode)", "GB/s: K and V read once (2·B·L·Hkv·D·2 bytes) plus q and out; % of the copy ceiling.",
         ["shape", "dtype", "provider", "ms", "GB/s", "% of copy", "vs sdpa", "vs flash-attn", "peak MiB"],
