@@ -25,7 +25,6 @@ forward calls it. Nothing here imports transformers at import time.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import inspect
 import sys
 import warnings
@@ -116,17 +115,16 @@ def _fused_loss_forward(self, *, labels, logits_to_keep=0, return_dict=None, **k
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    output_cls = sys.modules[type(self).__module__].CausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(output_cls)}
-    # The base model's cache (past_key_values, or cache since 5.24), hidden states, attentions.
-    passed = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
-    out = output_cls(loss=loss, logits=None, **passed)
+    # The base model's cache (past_key_values, or cache since 5.24), hidden states and
+    # attentions, under the names CausalLMOutputWithPast gives them in the same version.
+    passed = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+    out = sys.modules[type(self).__module__].CausalLMOutputWithPast(loss=loss, logits=None, **passed)
     return out if return_dict else out.to_tuple()
 
 
 def _keep(model, hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """The positions HF's forward hands the lm_head: its module's ``slice_logits_to_keep``
-    where it has one (transformers >= 5.2x: ints, index tensors and boolean masks), else the
+    where it has one (5.25 has, with boolean masks too; 5.10 does not), else the
     slice older versions write inline."""
     slicer = getattr(sys.modules[type(model).__module__], "slice_logits_to_keep", None)
     if slicer is not None:

@@ -67,7 +67,10 @@ w3, w2), Rotary -> MetaRotary (``apply_rope(interleaved=True)``), Attention -> M
 (flash_attn for training and unpadded prefill, flash_decode for cached decoding,
 flash_attn_varlen for padded batches, SDPA with a warning for anything else; see its
 docstring), CrossEntropyHead -> FusedCrossEntropyHead (``forward(tokens, targets=...)``'s
-loss on ``fused_linear_cross_entropy``: no logits).
+loss on ``fused_linear_cross_entropy``: no logits). ``patch`` walks the tree as it changes
+it, so the children of a replaced block (shared with the original block) are patched inside
+the replacement; ``unpatch`` restores bottom-up, so the original block gets its original
+children back.
 
 The loss (kind ``cross_entropy``)
 ---------------------------------
@@ -75,9 +78,8 @@ Hugging Face's ``LlamaForCausalLM`` gets a ``forward`` row: in training mode wit
 its loss is computed by ``llama_fast.hf_causal_lm.causal_lm_forward`` from the hidden
 states, ``logits=None``; eval mode and calls without labels run HF's forward as before (see
 that module for what it honours: shifted labels, ``num_items_in_batch``, ``logits_to_keep``,
-tied embeddings). The reference model's loss head is a ``module`` row. ``patch`` walks the tree as it changes it, so the children of a replaced block
-(shared with the original block) are patched inside the replacement; ``unpatch`` restores
-bottom-up, so the original block gets its original children back.
+tied embeddings). The reference model's loss head is a ``module`` row (the CrossEntropyHead
+above). ``patch(model, cross_entropy=False)`` leaves both alone.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 A tiny random model (hidden 64, 2 layers, 4 heads, 2 KV heads, Llama 3.1 rope scaling) in
 float32 on the CPU. The patched model is compared with an unpatched deep copy of itself:
 logits, loss, every gradient, greedy generate() with the KV cache, padded batches, a short
-AdamW run. Most tests force the "torch" backend (fast); the main ones also run the default
+AdamW run; and the fused loss (kind "cross_entropy": in training with labels, the loss from
+the hidden states and logits None) against HF's lm_head + ForCausalLMLoss. Most tests force the "torch" backend (fast); the main ones also run the default
 "auto" backend, which on the CPU runs the Triton kernels under the interpreter (slow: keep
 those shapes small). ``ATTENTION_CALLS`` / ``FUNCTION_CALLS`` show which path served a call,
 so a test cannot pass by quietly running the original code.
@@ -378,6 +379,7 @@ def test_twenty_adamw_steps_follow_the_unpatched_loss_curve(pair):
                 losses.append(loss.item())
         curves.append(torch.tensor(losses))
     expected, got = curves
+    assert lfp.LOSS_CALLS == {"fused": 20}  # every step's loss from the fused head
     assert expected[-1] < expected[0] - 0.1, "the run should learn something"
     assert_close(got, expected, "loss curve", rtol=1e-3, atol=1e-3)
 
@@ -543,6 +545,25 @@ def test_return_dict_false_and_positional_arguments(pair):
     assert lfp.LOSS_CALLS == {"fused": 2}
 
 
+def test_fused_loss_in_bfloat16(pair):
+    """A bf16 model: HF upcasts the bf16 logits to float32 for the loss; the op computes in
+    float32 and rounds the loss to bf16 (then float32): equal within bf16 rounding, and the
+    gradients are bf16 as HF's are."""
+    ref, model = pair(torch.bfloat16)
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    expected = ref(ids, labels=ids)
+    expected.loss.backward()
+    with llama_fast.backend("torch"):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None and out.loss.dtype == torch.float32
+    assert_close(out.loss, expected.loss, "bf16 loss", rtol=1e-2, atol=1e-2)
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16
+    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "bf16 lm_head grad", rtol=5e-2, atol=5e-2)
+
+
 def test_autocast_bfloat16(pair):
     """Under CPU autocast the head's inputs are cast to bfloat16 as F.linear would be: the
     same loss within bfloat16 tolerance, float32 gradients for the float32 Parameters."""
@@ -596,6 +617,44 @@ def test_cross_entropy_off_keeps_hf_forward(pair):
     assert_close(out.logits, expected.logits, "logits")
     assert_close(out.loss, expected.loss, "loss")
     assert lfp.patch(model).counts["cross_entropy"] == 1  # enabled later: patched then
+
+
+def test_torch_compile_fullgraph_training_step_with_the_fused_loss(pair):
+    """Dynamo traces the forward dispatcher, the argument binding and the fused loss in one
+    graph (attention left to SDPA: the mask function's packed-sequence check reads data)."""
+    ref, model = pair()
+    lfp.patch(model, attention=False)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    labels = with_ignored(ids)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with llama_fast.backend("torch"):
+        out = compiled(ids, labels=labels, use_cache=False)
+        out.loss.backward()
+    torch._dynamo.reset()
+    expected = ref(ids, labels=labels, use_cache=False)
+    expected.loss.backward()
+    assert out.logits is None and lfp.LOSS_CALLS["fused"] == 1
+    assert_close(out.loss, expected.loss, "compiled loss", rtol=1e-5, atol=1e-6)
+    assert_same_grads(model, ref, "compiled: ")
+
+
+def test_patch_transformers_with_cross_entropy_off():
+    try:
+        lfp.patch_transformers(cross_entropy=False)
+        model = LlamaForCausalLM(tiny_config())
+    finally:
+        lfp.unpatch_transformers()
+    try:
+        report = model._llama_fast_report
+        assert report.counts["cross_entropy"] == 0 and report.counts["swiglu"] == 2, str(report)
+        assert LlamaForCausalLM.forward is ORIGINAL_FORWARD
+        model.train()
+        ids = tokens(1, 6)
+        with torch.no_grad(), llama_fast.backend("torch"):
+            assert model(ids, labels=ids).logits is not None
+    finally:
+        lfp.unpatch(model)
 
 
 def test_the_forward_swap_is_per_instance(pair):

@@ -329,17 +329,6 @@ def test_fused_loss_head_loss_and_every_gradient(backend, name):
         llama_fast.unpatch(model)
 
 
-def test_unpatched_loss_is_eager_cross_entropy_of_the_logits():
-    model = tiny_model()
-    tokens = torch.randint(0, VOCAB, (2, 9))
-    targets = loss_targets(tokens)
-    with _OpsSeen() as seen:
-        loss = model(tokens, targets=targets)
-    assert seen.names[FUSED_CE] == 0
-    want = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    assert torch.equal(loss, want)
-
-
 def test_cross_entropy_flag_off_and_unpatch_restore_the_head():
     model = tiny_model()
     report = llama_fast.patch(model, cross_entropy=False)
@@ -372,15 +361,6 @@ def test_fused_head_runs_the_reference_formula_in_float64():
         assert torch.equal(model.loss_head(h, model.output, tokens), ref.loss_head(h, ref.output, tokens))
     finally:
         llama_fast.unpatch(model)
-
-
-def test_targets_errors_name_the_argument():
-    model = tiny_model()
-    tokens = torch.randint(0, VOCAB, (2, 7))
-    with pytest.raises(ValueError, match="targets and last_only"):
-        model(tokens, targets=tokens, last_only=True)
-    with pytest.raises(ValueError, match="targets must have the shape of tokens"):
-        model(tokens, targets=tokens[:, 1:])
 
 
 def test_patch_flags_and_partial_patch():
