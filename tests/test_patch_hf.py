@@ -458,6 +458,38 @@ def test_fused_loss_every_gradient_and_no_logits(pair, backend, tied):
     assert set(out.keys()) == set(expected.keys()) - {"logits"}  # loss and the base model's cache
 
 
+def test_no_tensor_of_logits_outside_the_op(pair):
+    """Forward and backward of the patched model create no (…, vocab) tensor: the only op
+    that sees the vocabulary dimension is llama_fast's fused one (whose chunked memory is
+    tests/test_cross_entropy.py's). The unpatched model makes the logits and their grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    ref, model = pair(intermediate_size=96)  # no other dimension is the vocabulary's (128)
+    lfp.patch(model, rms_norm=False, rope=False, swiglu=False, attention=False)  # only the loss
+    ref.train(), model.train()
+    ids = tokens(2, 16)
+    logits_like = {}
+    for m, name in ((ref, "unpatched"), (model, "patched")):
+        with llama_fast.backend("torch"), Shapes() as shapes:
+            m(ids, labels=ids, use_cache=False).loss.backward()
+        logits_like[name] = [(f, shape) for f, shape in shapes.seen
+                             if shape[-1:] == (VOCAB,) and "linear_cross_entropy" not in f]
+    assert logits_like["unpatched"], "the unpatched model should make (…, vocab) logits"
+    assert logits_like["patched"] == []
+
+
 def test_eval_mode_and_calls_without_labels_give_hf_logits(pair):
     ref, model = pair()
     lfp.patch(model, rms_norm=False, rope=False, swiglu=False, attention=False)  # only the loss
