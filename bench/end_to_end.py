@@ -8,9 +8,18 @@ copy, the same for every provider). Providers:
   hf_compile      the same under torch.compile (first steps compile; scheduled last)
   hf_liger        the same after Liger-Kernel's ``apply_liger_kernel_to_llama(model=...)``
                   with its defaults (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)
-  hf_llama_fast   the same after ``llama_fast.patch(model)``
-  ref_eager       llama_fast's reference model (``llama_fast.model.Transformer``) unpatched
-  ref_llama_fast  the reference model after ``llama_fast.patch(model)``
+  hf_llama_fast   the same after ``llama_fast.patch(model)``, the fused linear cross-entropy
+                  included (no logits in the training step)
+  hf_llama_fast_no_ce
+                  after ``llama_fast.patch(model, cross_entropy=False)``: HF's lm_head and loss
+  ref_eager       llama_fast's reference model (``llama_fast.model.Transformer``) unpatched;
+                  its loss is ``model(tokens, targets=...)``: float32 logits, F.cross_entropy
+  ref_llama_fast  the reference model after ``llama_fast.patch(model)`` (fused loss head)
+  ref_llama_fast_no_ce
+                  after ``llama_fast.patch(model, cross_entropy=False)``: the eager loss head
+
+The _no_ce rows against the plain ones show what the fused loss does to the step's time
+and peak memory, the rest of the patch being the same.
 
 ms is the median step time; tokens/s = batch * seq / ms (the markdown shows it); tflops is
 the model FLOPs per step over ms (6 x matmul parameters x tokens, plus causal attention at
@@ -42,12 +51,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import llama_fast
 
-TRAIN_PROVIDERS = ("hf_eager", "hf_llama_fast", "hf_liger", "ref_eager", "ref_llama_fast", "hf_compile")
+TRAIN_PROVIDERS = ("hf_eager", "hf_llama_fast", "hf_llama_fast_no_ce", "hf_liger", "ref_eager", "ref_llama_fast",
+                   "ref_llama_fast_no_ce", "hf_compile")
 INFER_PROVIDERS = ("ref_eager", "ref_llama_fast")
+# The providers that run llama_fast.patch, with its flags.
+PATCHED = {"hf_llama_fast": {}, "hf_llama_fast_no_ce": {"cross_entropy": False},
+           "ref_llama_fast": {}, "ref_llama_fast_no_ce": {"cross_entropy": False}}
 E2E_DTYPE = torch.bfloat16
 DECODE_STEPS = {"smoke": 2, "headline": 32, "full": 64}
 # (warm-up, timed) steps; the interpreter has no JIT to warm up, and one step is plenty there.
@@ -166,8 +178,8 @@ def build_model(provider: str, args, device):
             model = lf.Transformer(args)
     _small_init(model)
     model = model.to(E2E_DTYPE)
-    if provider.endswith("_llama_fast"):
-        lf.patch(model)
+    if provider in PATCHED:
+        lf.patch(model, **PATCHED[provider])
     elif provider == "hf_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -255,16 +267,16 @@ def _sig(value: float) -> float:
 def _measure_train(shape: E2EShape, provider: str, args, device, warmup: int, reps: int) -> tuple[float, float | None]:
     """(median step ms, peak MiB); the model and optimizer die with this frame."""
     model, hf = build_model(provider, args, device)
+    model.train()  # HF's fused loss serves training mode only
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (shape.batch, shape.seqlen + 1), generator=gen).to(device)
 
     def step():
-        if hf:  # HF shifts the labels itself (and Liger fuses the head with the loss)
+        if hf:  # HF shifts the labels itself (Liger and llama_fast fuse the head with the loss)
             loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-        else:
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        else:  # the reference's loss entry point (its loss head, fused when patched)
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from llama_fast.bench.cases import CASES, DTYPE_NAME
-from llama_fast.bench.end_to_end import TRAIN_PROVIDERS
+from llama_fast.bench.end_to_end import PATCHED, TRAIN_PROVIDERS
 from llama_fast.bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS
 
 ALL_PROVIDERS = tuple(dict.fromkeys(MEMORY_PROVIDERS + ATTN_PROVIDERS + TRAIN_PROVIDERS))
@@ -195,7 +195,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-OURS = ("triton", "cuda", "hf_llama_fast", "ref_llama_fast")
+OURS = ("triton", "cuda") + tuple(PATCHED)
 
 
 def summary(report: dict) -> str:

@@ -61,7 +61,7 @@ COMPILE_RESERVE_S = 45  # nor a compiled one (its first call compiles)
 E2E_RESERVE_S = 40  # nor an end-to-end one (a model is built)
 E2E_COMPILE_RESERVE_S = 150  # nor the compiled HF model
 # Providers whose errors are failures of this repository's code (the rest are baselines).
-OURS = LLAMA_FAST + ("eager", "torch.compile", "hf_llama_fast", "ref_llama_fast", "ref_eager")
+OURS = LLAMA_FAST + ("eager", "torch.compile", "ref_eager") + tuple(e2e.PATCHED)
 TIERS = ("memory-bound", "attention", "end-to-end", "compiled ops", "flex_attention", "compiled model")
 
 
@@ -272,7 +272,7 @@ def _provider_reason(provider: str, device) -> str | None:
         if provider == "hf_liger":
             return unavailable_reason("liger", device) or import_reason("liger_kernel.transformers")
         return None
-    if provider in ("ref_eager", "ref_llama_fast"):
+    if provider == "ref_eager" or provider in e2e.PATCHED:
         return None
     return unavailable_reason(provider, device)
 

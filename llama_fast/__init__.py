@@ -15,7 +15,8 @@ Public API (all autograd-aware ``torch.library`` custom ops; see ``llama_fast.op
                                label_smoothing=0.0, chunk_size=None) -> loss   # no (tokens x V) logits
     backend(name)   # "auto" | "torch" | "triton" | "cuda"; also LLAMA_FAST_BACKEND
     info() -> dict
-    patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True) -> report; unpatch(model)
+    patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True) -> report
+    unpatch(model)
     patch_transformers(...) / unpatch_transformers()   # patch HF Llama models built afterwards
 
 Importing llama_fast imports torch but not triton: the Triton kernels load on first use.

@@ -5,7 +5,7 @@ Nothing here calls a llama_fast kernel. The modules and their parameter names ar
 (``tok_embeddings``, ``layers.N.attention.wq`` ...), so Meta's ``consolidated.*.pth`` load
 as they are and Hugging Face checkpoints are renamed on the way in (``load_checkpoint``).
 The module boundaries are the ones a patcher swaps: ``RMSNorm``, ``Rotary``, ``Attention``,
-``FeedForward``, ``KVCache``.
+``FeedForward``, ``KVCache``, and ``CrossEntropyHead`` (the loss).
 
 Positions and padding. Every token has a position; a negative position marks a (left) pad
 token, which no token attends to. With a KV cache, the key and value of the token at
@@ -14,7 +14,8 @@ from slot 0 whatever its padding, and a row of length n attends to slots [0, n):
 ``llama_fast.flash_decode`` reads (its ``cache_seqlens`` is ``input_pos + 1``).
 
     model = Transformer(ModelArgs.from_name("tiny"))
-    logits = model(tokens)                          # training: (B, S) -> (B, S, vocab) float32
+    logits = model(tokens)                          # (B, S) -> (B, S, vocab) float32
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])  # training: the mean cross-entropy
     model.setup_cache(max_batch_size=4, max_seq_len=256)
     logits = model(prompt, input_pos)               # prefill, input_pos (S,) or (B, S)
     logits = model(next_tok[:, None], pos[:, None]) # one decoding step per row
@@ -258,6 +259,27 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class CrossEntropyHead(nn.Module):
+    """The training loss: the mean cross-entropy of the output head's float32 logits against
+    ``targets`` over the positions whose target is not ``ignore_index`` (NaN if none is).
+
+    It is handed the head (an ``nn.Linear``) rather than its logits so that a replacement
+    can compute the loss without materialising the (tokens x vocab) logits:
+    ``llama_fast.patch`` swaps in ``llama_fast.model_fused.FusedCrossEntropyHead``.
+    """
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, h: Tensor, output: nn.Module, targets: Tensor) -> Tensor:
+        logits = _at_least_f32(output(h))
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}"
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -268,6 +290,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.loss_head = CrossEntropyHead()  # no parameters: the state dict is Meta's
 
     @classmethod
     def from_name(cls, name: str) -> Transformer:
@@ -297,9 +320,17 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, last_only: bool = False,
+                targets: Tensor | None = None) -> Tensor:
         """tokens (B, S) -> logits (B, S, vocab), or (B, 1, vocab) with ``last_only``; float32
         whatever the model's dtype (float64 for a float64 model).
+
+        targets: (B, S) int64, the token each position should predict (for language
+        modelling, the tokens shifted left by one: ``model(seq[:, :-1], targets=seq[:, 1:])``),
+        -100 where a position has no loss (padding, prompts). Given, forward returns the
+        scalar loss instead of the logits: ``loss_head``'s mean cross-entropy over the
+        positions with a target (float32 logits unpatched; ``llama_fast.patch`` fuses the
+        output head with the loss, and no logits are made).
 
         input_pos: the position of each token, (S,) or (B, S); a negative position marks a
         pad token. None means 0..S-1 for every row (needs no cache). With a cache
@@ -326,6 +357,12 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, positions, mask)
+        if targets is not None:
+            if last_only:
+                raise ValueError("forward got targets and last_only=True: the loss needs every position (drop last_only)")
+            if tuple(targets.shape) != (bsz, seqlen):
+                raise ValueError(f"targets must have the shape of tokens, {(bsz, seqlen)}, got {tuple(targets.shape)}")
+            return self.loss_head(self.norm(h), self.output, targets)
         if last_only:
             h = h[:, -1:]
         # float32 logits, as Meta's reference: sampling and the loss want them anyway.

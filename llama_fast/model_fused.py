@@ -7,6 +7,8 @@
                           llama_fast.attention_router from the positions; SDPA for the rest
     MetaTransformerBlock  attention, feed_forward, attention_norm, ffn_norm; the residual add
                           and ffn_norm in one add_rms_norm
+    FusedCrossEntropyHead CrossEntropyHead on fused_linear_cross_entropy (llama_fast.nn's
+                          head_cross_entropy): the loss without the (tokens x vocab) logits
 
 Each has a ``from_module`` that builds it around an original's Parameters and children
 (shared, not copied). Inputs the ops do not take run the replaced module's formula.
@@ -21,10 +23,10 @@ from torch import Tensor, nn
 
 from llama_fast import attention_router as router
 from llama_fast import model
-from llama_fast.nn import RMSNorm
+from llama_fast.nn import RMSNorm, head_cross_entropy
 from llama_fast.ops import SUPPORTED_DTYPES, add_rms_norm, apply_rope
 
-__all__ = ["META_CALLS_PREFIX", "MetaAttention", "MetaRotary", "MetaTransformerBlock"]
+__all__ = ["META_CALLS_PREFIX", "FusedCrossEntropyHead", "MetaAttention", "MetaRotary", "MetaTransformerBlock"]
 
 # Keys of llama_fast.attention_router.ATTENTION_CALLS for MetaAttention start with this.
 META_CALLS_PREFIX = "meta: "
@@ -235,3 +237,30 @@ class MetaTransformerBlock(nn.Module):
             h = x + a
             y = self.ffn_norm(h)
         return h + self.feed_forward(y)
+
+
+class FusedCrossEntropyHead(nn.Module):
+    """``llama_fast.model.CrossEntropyHead`` on ``fused_linear_cross_entropy``: the same mean
+    cross-entropy of ``output(h)`` against ``targets`` (float32), computed chunk by chunk
+    without the (tokens x vocab) logits. The gradients of h and of the head's weight (tied
+    to the embeddings or not) are made during the forward, so the graph through it can be
+    backwarded once. Heads other than a plain nn.Linear and float64 run the reference formula
+    (``llama_fast.nn.head_cross_entropy``)."""
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FusedCrossEntropyHead":
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            raise TypeError(f"{type(module).__name__} has parameters or buffers: not the parameterless CrossEntropyHead")
+        new = cls(module.ignore_index)
+        new.training = module.training
+        return new
+
+    def forward(self, h: Tensor, output: nn.Module, targets: Tensor) -> Tensor:
+        return head_cross_entropy(h, output, targets, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}"

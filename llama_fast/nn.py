@@ -9,6 +9,9 @@ one around an existing module's Parameters (the same objects: nothing is copied)
                                      forward = down(swiglu(gate(x), up(x)))
     apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
                                      Hugging Face's signature and layouts, on llama_fast.apply_rope
+    head_cross_entropy(hidden, head, target, ...)
+                                     cross_entropy(head(hidden).float(), target) on
+                                     llama_fast.fused_linear_cross_entropy: no logits
 
 The reference model's own fused modules (Meta's names) are ``llama_fast.model_fused``,
 beside the model they patch.
@@ -18,16 +21,20 @@ of the module replaced instead of raising: a drop-in never fails where the origi
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama_fast.ops import SUPPORTED_DTYPES, apply_rope, rms_norm, swiglu
+from llama_fast.ops import SUPPORTED_DTYPES, apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
 
 __all__ = [
     "RMSNorm",
     "SwiGLUMLP",
     "apply_rotary_pos_emb",
+    "head_cross_entropy",
+    "is_plain_linear",
     "rotary_half_tables",
     "share_into",
 ]
@@ -226,3 +233,45 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsquee
         q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), c, s)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
     return apply_rope(q, k, c, s)
+
+
+def is_plain_linear(head: nn.Module) -> bool:
+    """An nn.Linear whose forward is F.linear(x, weight, bias): not a subclass (quantised,
+    LoRA-wrapped), no hooks, no instance-level forward."""
+    return (type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and "forward" not in head.__dict__)
+
+
+def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignore_index: int = -100,
+                       reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy(head(hidden).float().flatten(0, -2), target.flatten(), ...)``: the loss
+    of an output head (an ``nn.Linear``, its weight possibly tied to the embeddings) on
+    ``llama_fast.fused_linear_cross_entropy``, which never materialises the logits.
+
+    hidden (..., H); target of hidden's shape without H, int64. The loss is float32 (float64
+    for float64 inputs) as the unfused formula's is; the op computes it in float32 and
+    rounds it to hidden's dtype first. Under ``torch.autocast`` hidden, weight and bias are
+    cast to the autocast dtype, as ``F.linear`` would cast them (custom ops are not
+    autocast-aware). Heads that are not a plain ``nn.Linear``, and dtypes the op does not
+    take (float64), run the unfused formula.
+    """
+    weight = getattr(head, "weight", None)
+    bias = getattr(head, "bias", None)
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if is_plain_linear(head) and autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        if hidden.dtype in SUPPORTED_DTYPES and weight.dtype in SUPPORTED_DTYPES and dtype in SUPPORTED_DTYPES:
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+    if (not is_plain_linear(head) or hidden.dtype not in SUPPORTED_DTYPES or weight.dtype != hidden.dtype
+            or (bias is not None and bias.dtype != hidden.dtype)):
+        logits = head(hidden)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index, reduction=reduction)
+        return loss.view(target.shape) if reduction == "none" else loss
+    # Autocast off inside: the op's own torch matmuls keep their float32 accumulation.
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                                          reduction=reduction)
+    return loss.float()

@@ -1,6 +1,6 @@
 """Patch existing Llama models to run on the llama_fast kernels, and undo it.
 
-    report = patch(model, rms_norm=True, rope=True, swiglu=True, attention=True)
+    report = patch(model, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True)
     unpatch(model)                      # the original modules, function and attention back
     patch_transformers(...)             # every model of a family built from now on patches itself
     unpatch_transformers()              # ... and no longer
@@ -35,6 +35,17 @@ adding rows. ``how`` is:
               copy of a patched model keeps its hooks but not that claim: once the original
               is unpatched, the copy runs HF's function again, correct but unfused).
               ``torch.compile`` traces the hooks and the dispatcher without graph breaks.
+``forward``   the ``forward`` of exactly the ``source`` class is swapped, per instance: the
+              class attribute becomes a dispatcher that runs ``replacement(self, *args,
+              fallback=original, **kwargs)`` for the instances ``patch`` marked (and the
+              original for every other instance and for subclasses), and is put back when
+              the last marked instance is unpatched. For a model's own forward, which no
+              module swap can reach (the model is the root, held by the user) and which is
+              not a function of its module. Why not an instance attribute: an instance-level
+              forward is what accelerate's hooks and other patchers set (an instance that
+              already has one is left alone: it would bypass the class's), and a deep copy
+              would carry it with the model bound in. Like the function rules' hooks, the
+              mark travels with a deep copy (fused while the dispatcher is installed).
 ``attention`` the model's attention implementation becomes ``"llama_fast"`` when it holds
               instances of ``source``: ``replacement``'s module registers its attention
               and mask functions under that name (``llama_fast.hf_attention``, whose
@@ -55,9 +66,20 @@ under the ``rms_norm`` flag), RMSNorm -> RMSNorm, FeedForward -> SwiGLUMLP (Meta
 w3, w2), Rotary -> MetaRotary (``apply_rope(interleaved=True)``), Attention -> MetaAttention
 (flash_attn for training and unpadded prefill, flash_decode for cached decoding,
 flash_attn_varlen for padded batches, SDPA with a warning for anything else; see its
-docstring). ``patch`` walks the tree as it changes it, so the children of a replaced block
-(shared with the original block) are patched inside the replacement; ``unpatch`` restores
-bottom-up, so the original block gets its original children back.
+docstring), CrossEntropyHead -> FusedCrossEntropyHead (``forward(tokens, targets=...)``'s
+loss on ``fused_linear_cross_entropy``: no logits). ``patch`` walks the tree as it changes
+it, so the children of a replaced block (shared with the original block) are patched inside
+the replacement; ``unpatch`` restores bottom-up, so the original block gets its original
+children back.
+
+The loss (kind ``cross_entropy``)
+---------------------------------
+Hugging Face's ``LlamaForCausalLM`` gets a ``forward`` row: in training mode with ``labels``
+its loss is computed by ``llama_fast.hf_causal_lm.causal_lm_forward`` from the hidden
+states, ``logits=None``; eval mode and calls without labels run HF's forward as before (see
+that module for what it honours: shifted labels, ``num_items_in_batch``, ``logits_to_keep``,
+tied embeddings). The reference model's loss head is a ``module`` row (the CrossEntropyHead
+above). ``patch(model, cross_entropy=False)`` leaves both alone.
 """
 from __future__ import annotations
 
@@ -72,15 +94,17 @@ from typing import Callable
 
 from torch import nn
 
-from llama_fast import hf_attention, nn as lfnn
+from llama_fast import hf_attention, hf_causal_lm, nn as lfnn
 from llama_fast.attention_router import ATTENTION_CALLS, DECODE_MAX_QUERIES  # noqa: F401  (re-exported)
 from llama_fast.hf_attention import ATTN_IMPLEMENTATION
-from llama_fast.model_fused import MetaAttention, MetaRotary, MetaTransformerBlock
+from llama_fast.hf_causal_lm import LOSS_CALLS  # noqa: F401  (re-exported)
+from llama_fast.model_fused import FusedCrossEntropyHead, MetaAttention, MetaRotary, MetaTransformerBlock
 
 __all__ = [
     "ATTENTION_CALLS",
     "ATTN_IMPLEMENTATION",
     "FUNCTION_CALLS",
+    "LOSS_CALLS",
     "PatchReport",
     "RULES",
     "Rule",
@@ -90,7 +114,7 @@ __all__ = [
     "unpatch_transformers",
 ]
 
-KINDS = ("rms_norm", "rope", "swiglu", "attention")
+KINDS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -101,18 +125,19 @@ class Rule:
                shares the instance's Parameters, or raising TypeError/ValueError (why not).
     function   a callable taking the original's arguments plus ``fallback=`` (the original),
                which it calls for inputs it does not serve.
+    forward    the same, for a forward: ``replacement(self, *args, fallback=original, **kwargs)``.
     attention  the module whose ``register()`` registers the attention and mask functions
                under ATTN_IMPLEMENTATION (``llama_fast.hf_attention``).
     """
 
     family: str
     kind: str  # one of KINDS (the patch() flag that enables it), or "build"
-    how: str  # "module" | "function" | "attention" | "on_build"
+    how: str  # "module" | "function" | "forward" | "attention" | "on_build"
     source: str  # "module.path:QualName" of what is replaced
     replacement: object = None  # what replaces it
     options: tuple = ()  # (name, value) pairs passed to replacement.from_module
     scope: str | None = None  # function rules: the class inside whose forward the swap is active
-    requires: Callable | None = None  # f(model) -> reason to leave this alone, or None
+    requires: Callable | None = None  # f(model) -> reason to leave this alone, or None (function, forward rules)
 
 
 _HF_LLAMA = "transformers.models.llama.modeling_llama"
@@ -136,6 +161,7 @@ RULES: tuple[Rule, ...] = (
     Rule("hf_llama", "rope", "function", f"{_HF_LLAMA}:apply_rotary_pos_emb", lfnn.apply_rotary_pos_emb,
          scope=f"{_HF_LLAMA}:LlamaAttention", requires=_hf_llama_rope_tables),
     Rule("hf_llama", "attention", "attention", f"{_HF_LLAMA}:LlamaAttention", hf_attention),
+    Rule("hf_llama", "cross_entropy", "forward", f"{_HF_LLAMA}:LlamaForCausalLM", hf_causal_lm.causal_lm_forward),
     Rule("hf_llama", "build", "on_build", f"{_HF_LLAMA}:LlamaPreTrainedModel"),
     # llama_fast's own reference Llama 3 (llama_fast.model). The block is matched first and
     # its children after, inside the replacement block (patch walks the tree as it changes).
@@ -146,6 +172,7 @@ RULES: tuple[Rule, ...] = (
          options=(("names", ("w1", "w3", "w2")), ("act", None))),
     Rule("llama_fast_reference", "rope", "module", f"{_REF}:Rotary", MetaRotary),
     Rule("llama_fast_reference", "attention", "module", f"{_REF}:Attention", MetaAttention),
+    Rule("llama_fast_reference", "cross_entropy", "module", f"{_REF}:CrossEntropyHead", FusedCrossEntropyHead),
 )
 
 
@@ -212,9 +239,9 @@ class PatchReport:
 
     def __str__(self) -> str:
         lines = ["llama_fast.patch: " + ", ".join(f"{k} {n}" for k, n in self.counts.items()) + " replaced"]
-        lines += [f"  replaced  {c.kind:9s} {c.path or '<model>'}: {c.before} -> {c.after}" for c in self.replaced]
-        lines += [f"  already   {c.kind:9s} {c.path or '<model>'}: {c.after}" for c in self.already]
-        lines += [f"  left      {s.kind:9s} {s.path or '<model>'}: {s.reason}" for s in self.left_alone]
+        lines += [f"  replaced  {c.kind:13s} {c.path or '<model>'}: {c.before} -> {c.after}" for c in self.replaced]
+        lines += [f"  already   {c.kind:13s} {c.path or '<model>'}: {c.after}" for c in self.already]
+        lines += [f"  left      {s.kind:13s} {s.path or '<model>'}: {s.reason}" for s in self.left_alone]
         return "\n".join(lines)
 
 
@@ -255,8 +282,10 @@ def _why_not_swappable(m: nn.Module) -> str | None:
 
 _ACTIVE = threading.local()  # _flag(function key) -> how many scoped forwards this thread is inside
 _SCOPES: dict[str, "weakref.WeakSet[nn.Module]"] = collections.defaultdict(weakref.WeakSet)
-_DISPATCHERS: dict[str, object] = {}  # function key -> the dispatcher installed in its module
-FUNCTION_CALLS: collections.Counter = collections.Counter()  # (function key, "llama_fast" | "original") -> calls
+_DISPATCHERS: dict[str, object] = {}  # function key -> the dispatcher installed in its module (or class)
+# (function key, "llama_fast" | "original") -> calls; forward rules' keys are "module:Class.forward"
+FUNCTION_CALLS: collections.Counter = collections.Counter()
+_FORWARDS = "_llama_fast_forwards"  # an instance's __dict__ entry: the forward keys it is patched for
 
 
 def _flag(key: str) -> str:
@@ -292,18 +321,47 @@ def _install_function(rule: Rule) -> None:
         return original(*args, **kwargs)
 
     dispatcher.__llama_fast_original__ = original
+    dispatcher.__llama_fast_owner__ = (module, name)
     _DISPATCHERS[key] = dispatcher
     setattr(module, name, dispatcher)
 
 
+def _forward_key(rule: Rule) -> str:
+    return f"{rule.source}.forward"
+
+
+def _install_forward(rule: Rule) -> None:
+    """The class's forward becomes a dispatcher: the replacement for the instances marked
+    with this key, the original for the rest."""
+    key = _forward_key(rule)
+    cls = _load(rule.source)
+    current = cls.__dict__["forward"]
+    if current is _DISPATCHERS.get(key):
+        return
+    original, fused = current, rule.replacement
+
+    @functools.wraps(original)  # keeps the signature generate() and Trainer inspect
+    def forward(self, *args, **kwargs):
+        if key in self.__dict__.get(_FORWARDS, ()):
+            FUNCTION_CALLS[key, "llama_fast"] += 1
+            return fused(self, *args, fallback=original, **kwargs)
+        FUNCTION_CALLS[key, "original"] += 1
+        return original(self, *args, **kwargs)
+
+    forward.__llama_fast_original__ = original
+    forward.__llama_fast_owner__ = (cls, "forward")
+    _DISPATCHERS[key] = forward
+    cls.forward = forward
+
+
 def _maybe_uninstall_function(key: str) -> None:
+    """Put the original function (or class forward) back once no patched model needs it."""
     if len(_SCOPES[key]) or key not in _DISPATCHERS:
         return
     dispatcher = _DISPATCHERS.pop(key)
-    module_name, _, name = key.partition(":")
-    module = importlib.import_module(module_name)
-    if getattr(module, name) is dispatcher:
-        setattr(module, name, dispatcher.__llama_fast_original__)
+    owner, name = dispatcher.__llama_fast_owner__
+    if vars(owner).get(name) is dispatcher:
+        setattr(owner, name, dispatcher.__llama_fast_original__)
     else:  # someone swapped it after us: theirs stays
         warnings.warn(f"llama_fast.unpatch: {key} was replaced after llama_fast patched it; left as it is")
 
@@ -322,17 +380,19 @@ def _rules(families) -> list[Rule]:
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          attention: bool = True, families=None) -> PatchReport:
+          attention: bool = True, cross_entropy: bool = True, families=None) -> PatchReport:
     """Patch ``model`` in place to run on the llama_fast ops, sharing its Parameters.
 
     Applies every row of ``RULES`` (of ``families``, default all) whose source it finds in
-    the model and whose kind is enabled. Patching again is idempotent: what is patched is
+    the model and whose kind is enabled (``cross_entropy``: the training loss computed without
+    the logits; see the module docstring). Patching again is idempotent: what is patched is
     reported under ``already`` and left as is (a kind enabled only now is patched now).
     Returns a ``PatchReport``; ``unpatch(model)`` undoes everything.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "attention": attention}
+    enabled = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "attention": attention,
+               "cross_entropy": cross_entropy}
     for kind, on in enabled.items():
         if not isinstance(on, bool):
             raise TypeError(f"{kind} must be a bool, got {type(on).__name__}")
@@ -420,6 +480,30 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             _SCOPES[rule.source].add(m)
             report.replaced.append(Change(rule.kind, path, fn, f"{_name(rule.replacement)} (inside this module's forward)"))
 
+    # forward rules: the class's forward dispatches on a mark in the instance
+    for rule in (r for r in rules if r.how == "forward"):
+        targets = [(p, m) for p, m in named if _qualname(type(m)) == rule.source]
+        if not targets:
+            continue
+        matched = True
+        if not enabled[rule.kind]:
+            continue
+        key = _forward_key(rule)
+        for path, m in targets:
+            if key in m.__dict__.get(_FORWARDS, ()):
+                report.already.append(Change(rule.kind, path, "forward", _name(rule.replacement)))
+                continue
+            why = ("its forward is overridden on the instance (accelerate offloading or another patcher?)"
+                   if "forward" in m.__dict__ else rule.requires(m) if rule.requires else None)
+            if why is not None:
+                report.left_alone.append(Skip(rule.kind, path, why))
+                continue
+            _install_forward(rule)
+            m.__dict__[_FORWARDS] = m.__dict__.get(_FORWARDS, frozenset()) | {key}
+            _SCOPES[key].add(m)
+            report.replaced.append(Change(rule.kind, path, f"{type(m).__name__}.forward",
+                                          f"{_name(rule.replacement)} (this instance)"))
+
     # attention rules: select the registered attention implementation
     for rule in (r for r in rules if r.how == "attention"):
         if rule.source not in present:
@@ -452,8 +536,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
 def unpatch(model: nn.Module) -> PatchReport:
     """Undo every ``patch`` of ``model`` and of its submodules: the original module objects
-    (handed the current Parameters), no hooks, the original function once no patched model
-    needs it, and the previous attention implementation. Returns what was restored (as
+    (handed the current Parameters), no hooks or forward marks, the original function (or
+    class forward) once no patched model needs it, and the previous attention implementation. Returns what was restored (as
     ``replaced``, before = patched, after = original)."""
     report = PatchReport()
     keys = set()
@@ -471,6 +555,11 @@ def unpatch(model: nn.Module) -> PatchReport:
             _SCOPES[key].discard(m)
             keys.add(key)
             kind = next((r.kind for r in RULES if r.source == key), "?")
+            report.replaced.append(Change(kind, path, "llama_fast", key.partition(":")[2]))
+        for key in m.__dict__.pop(_FORWARDS, ()):
+            _SCOPES[key].discard(m)
+            keys.add(key)
+            kind = next((r.kind for r in RULES if r.how == "forward" and _forward_key(r) == key), "?")
             report.replaced.append(Change(kind, path, "llama_fast", key.partition(":")[2]))
         for name, (kind, original) in m.__dict__.pop("_llama_fast_originals", {}).items():
             current = m._modules.get(name)
@@ -531,7 +620,7 @@ def _make_post_init(source: str, base_post_init):
 
 
 def patch_transformers(*, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True,
-                       families=None) -> list[str]:
+                       cross_entropy: bool = True, families=None) -> list[str]:
     """From now on, every model of ``families`` (default all with an ``on_build`` row:
     Hugging Face Llama) patches itself with these flags at the end of its construction
     (``from_pretrained`` included); its report is ``model._llama_fast_report``, and
@@ -540,7 +629,7 @@ def patch_transformers(*, rms_norm: bool = True, rope: bool = True, swiglu: bool
 
     Raises ImportError if transformers is not installed.
     """
-    flags = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention)
+    flags = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
     wrapped = []
     for rule in (r for r in _rules(families) if r.how == "on_build"):
         if rule.source in _BUILD:

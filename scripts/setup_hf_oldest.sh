@@ -6,7 +6,7 @@
 # Run after scripts/setup_env.sh test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-HF_OLDEST="${HF_OLDEST:-5.0.0}"
+HF_OLDEST="${HF_OLDEST:-5.10.4}"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv-hf-oldest/bin/python ]; then
     "$PY" -m venv .venv-hf-oldest
@@ -15,8 +15,10 @@ base=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purel
 own=$(.venv-hf-oldest/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # addsitedir (not a plain path line) so .venv's own .pth files run too: llama_fast's editable hook.
 echo "import site; site.addsitedir('$base')" > "$own/zz_llama_fast_base_venv.pth"
-# With its hub-kernels extra: the Hugging Face `kernels` release that version supports (the
-# newest, which .venv has for the newest transformers, breaks transformers 5.0's import),
-# so the oldest run has Hugging Face's `kernels` installed too, as the newest run does.
-.venv-hf-oldest/bin/python -m pip install -q "transformers[hub-kernels]==$HF_OLDEST"
+# With the extra that pins the Hugging Face `kernels` release that version supports (the
+# newest, which .venv has for the newest transformers, breaks older transformers' import),
+# so the oldest run has Hugging Face's `kernels` installed too, as the newest run does. The
+# extra was "hub-kernels" in 5.0 and is "kernels" since: both are asked for (pip warns
+# about the one a version lacks).
+.venv-hf-oldest/bin/python -m pip install -q "transformers[hub-kernels,kernels]==$HF_OLDEST"
 .venv-hf-oldest/bin/python -c "import transformers, llama_fast; print('transformers', transformers.__version__, 'for the oldest-supported test run')"

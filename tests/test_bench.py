@@ -82,7 +82,8 @@ def test_unavailable_providers_give_null_rows(smoke):
 def test_end_to_end_rows(smoke):
     _, _, report = smoke
     train = [r for r in report["rows"] if r["op"] == "train"]
-    assert {r["provider"] for r in train} == {"hf_eager", "hf_llama_fast", "hf_liger", "ref_eager", "ref_llama_fast"}
+    assert {r["provider"] for r in train} == {"hf_eager", "hf_llama_fast", "hf_llama_fast_no_ce", "hf_liger",
+                                              "ref_eager", "ref_llama_fast", "ref_llama_fast_no_ce"}
     shape = e2e.train_shapes("smoke")[0]
     args = e2e.model_args(shape.model)
     for r in train:

@@ -3,7 +3,8 @@
 On tiny configs, CPU: the named configs' sizes; checkpoints of a tiny random Hugging Face
 LlamaForCausalLM, loaded from HF folders (single file, shards, 4.x and 5.x config.json)
 and from Meta folders (one and two shards), give HF's logits; the KV cache, padding and
-generation agree with the plain forward; generation agrees with HF's greedy generate.
+generation agree with the plain forward; generation agrees with HF's greedy generate; the
+loss entry point (forward's targets) is eager cross-entropy and HF's loss.
 """
 from __future__ import annotations
 
@@ -317,6 +318,34 @@ def test_training_forward_backward(name):
     for name_, p in model.named_parameters():
         assert p.grad is not None and p.grad.isfinite().all(), name_
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0
+
+
+def test_loss_entry_point_is_eager_cross_entropy_of_the_logits():
+    model = tiny()
+    tokens = torch.randint(0, 256, (2, 9))
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+    targets[0, :3] = -100
+    loss = model(tokens, targets=targets)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert torch.equal(loss, F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100))
+    with pytest.raises(ValueError, match="targets and last_only"):
+        model(tokens, targets=targets, last_only=True)
+    with pytest.raises(ValueError, match="targets must have the shape of tokens"):
+        model(tokens, targets=targets[:, 1:])
+
+
+def test_loss_entry_point_equals_hf_loss(tmp_path):
+    """The same checkpoint: HF's labels (it shifts them) and our targets (shifted by the caller)."""
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_checkpoint(tmp_path)
+    tokens = torch.randint(0, 256, (2, 17))
+    labels = tokens.clone()
+    labels[1, :5] = -100
+    with torch.no_grad():
+        want = hf(tokens, labels=labels).loss
+        got = model(tokens[:, :-1], targets=labels[:, 1:])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------

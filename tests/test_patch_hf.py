@@ -3,7 +3,8 @@
 A tiny random model (hidden 64, 2 layers, 4 heads, 2 KV heads, Llama 3.1 rope scaling) in
 float32 on the CPU. The patched model is compared with an unpatched deep copy of itself:
 logits, loss, every gradient, greedy generate() with the KV cache, padded batches, a short
-AdamW run. Most tests force the "torch" backend (fast); the main ones also run the default
+AdamW run; and the fused loss (kind "cross_entropy": in training with labels, the loss from
+the hidden states and logits None) against HF's lm_head + ForCausalLMLoss. Most tests force the "torch" backend (fast); the main ones also run the default
 "auto" backend, which on the CPU runs the Triton kernels under the interpreter (slow: keep
 those shapes small). ``ATTENTION_CALLS`` / ``FUNCTION_CALLS`` show which path served a call,
 so a test cannot pass by quietly running the original code.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import importlib
 import inspect
@@ -36,6 +38,8 @@ lfp = importlib.import_module("llama_fast.patching")
 lfha = importlib.import_module("llama_fast.hf_attention")
 
 ORIGINAL_ROPE = ml.apply_rotary_pos_emb
+ORIGINAL_FORWARD = LlamaForCausalLM.forward
+FORWARD_KEY = f"{ml.__name__}:LlamaForCausalLM.forward"
 # transformers 5.24 renamed the forward's past_key_values to cache (the old name is deprecated)
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 ROPE_KEY = f"{ml.__name__}:apply_rotary_pos_emb"
@@ -77,6 +81,7 @@ def pair():
 
     lfp.ATTENTION_CALLS.clear()
     lfp.FUNCTION_CALLS.clear()
+    lfp.LOSS_CALLS.clear()
     yield make
     for model in made:
         lfp.unpatch(model)
@@ -114,17 +119,19 @@ def left_padded_mask(lengths, s):
 def test_report_lists_what_was_replaced(pair):
     _, model = pair()
     report = lfp.patch(model)
-    assert report.counts == {"rms_norm": 5, "rope": 2, "swiglu": 2, "attention": 1}
+    assert report.counts == {"rms_norm": 5, "rope": 2, "swiglu": 2, "attention": 1, "cross_entropy": 1}
     assert not report.already and not report.left_alone
     paths = {(c.kind, c.path) for c in report.replaced}
     assert ("rms_norm", "model.norm") in paths and ("swiglu", "model.layers.1.mlp") in paths
     assert ("rope", "model.layers.0.self_attn") in paths
     assert ("attention", "config._attn_implementation") in paths
+    assert ("cross_entropy", "") in paths  # the model's own forward
     assert "rms_norm 5" in str(report) and "model.layers.0.input_layernorm" in str(report)
     assert type(model.model.norm) is lfnn.RMSNorm
     assert type(model.model.layers[0].mlp) is lfnn.SwiGLUMLP
     assert model.config._attn_implementation == lfp.ATTN_IMPLEMENTATION
     assert ml.apply_rotary_pos_emb is not ORIGINAL_ROPE
+    assert LlamaForCausalLM.forward is not ORIGINAL_FORWARD
 
 
 def test_patch_shares_parameters_and_keeps_the_state_dict(pair):
@@ -169,7 +176,7 @@ def test_patching_twice_is_idempotent(pair):
     _, other = pair()
     assert lfp.patch(other, swiglu=False).counts["swiglu"] == 0
     again = lfp.patch(other)
-    assert again.counts == {"rms_norm": 0, "rope": 0, "swiglu": 2, "attention": 0}
+    assert again.counts == {"rms_norm": 0, "rope": 0, "swiglu": 2, "attention": 0, "cross_entropy": 0}
 
 
 def test_unpatch_restores_modules_function_and_outputs_exactly(pair):
@@ -183,7 +190,7 @@ def test_unpatch_restores_modules_function_and_outputs_exactly(pair):
     with llama_fast.backend("torch"), torch.no_grad():
         model(ids)
     restored = lfp.unpatch(model)
-    assert sum(restored.counts.values()) == 5 + 2 + 2 + 1
+    assert sum(restored.counts.values()) == 5 + 2 + 2 + 1 + 1
     assert {name: m for name, m in model.named_modules()} == originals  # the same objects
     assert all(type(m) is type(originals[n]) for n, m in model.named_modules())
     assert model.config._attn_implementation == attn_before
@@ -191,8 +198,12 @@ def test_unpatch_restores_modules_function_and_outputs_exactly(pair):
     assert not any(k.startswith("_llama_fast") for m in model.modules() for k in vars(m))
     gc.collect()
     assert ml.apply_rotary_pos_emb is ORIGINAL_ROPE
+    assert LlamaForCausalLM.forward is ORIGINAL_FORWARD
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+        model.train()
+        assert model(ids, labels=ids).logits is not None  # HF's forward again: logits in training
+        model.eval()
     assert sum(lfp.unpatch(model).counts.values()) == 0  # nothing left to undo
 
 
@@ -240,9 +251,12 @@ def test_logits_loss_and_every_gradient(pair, backend):
     with BACKENDS[backend]():
         out = model(ids, labels=ids)
         out.loss.backward()
+        with torch.no_grad():
+            logits = model(ids).logits  # without labels: HF's head, the logits
     out_ref.loss.backward()
-    assert lfp.ATTENTION_CALLS["flash_attn"] == 2 and lfp.FUNCTION_CALLS[ROPE_KEY, "llama_fast"] == 2
-    assert_close(out.logits, out_ref.logits, "logits")
+    assert lfp.ATTENTION_CALLS["flash_attn"] == 4 and lfp.FUNCTION_CALLS[ROPE_KEY, "llama_fast"] == 4
+    assert out.logits is None and lfp.LOSS_CALLS["fused"] == 1  # the fused loss made no logits
+    assert_close(logits, out_ref.logits, "logits")
     assert_close(out.loss, out_ref.loss, "loss")
     grads_ref = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -263,10 +277,13 @@ def test_left_padded_batch(pair, backend):
     with BACKENDS[backend]():
         out = model(ids, attention_mask=mask, labels=labels)
         out.loss.backward()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
     out_ref.loss.backward()
-    assert lfp.ATTENTION_CALLS["flash_attn_varlen"] == 2 and not lfp.ATTENTION_CALLS["flash_attn"]
+    assert lfp.ATTENTION_CALLS["flash_attn_varlen"] == 4 and not lfp.ATTENTION_CALLS["flash_attn"]
+    assert out.logits is None
     valid = mask.bool()
-    assert_close(out.logits[valid], out_ref.logits[valid], "logits at non-pad positions")
+    assert_close(logits[valid], out_ref.logits[valid], "logits at non-pad positions")
     assert_close(out.loss, out_ref.loss, "loss")
     grads_ref = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -362,6 +379,7 @@ def test_twenty_adamw_steps_follow_the_unpatched_loss_curve(pair):
                 losses.append(loss.item())
         curves.append(torch.tensor(losses))
     expected, got = curves
+    assert lfp.LOSS_CALLS == {"fused": 20}  # every step's loss from the fused head
     assert expected[-1] < expected[0] - 0.1, "the run should learn something"
     assert_close(got, expected, "loss curve", rtol=1e-3, atol=1e-3)
 
@@ -399,6 +417,297 @@ def test_torch_compile_traces_the_patched_model(pair):
 
 
 # ---------------------------------------------------------------------------------------
+# The fused loss (kind "cross_entropy"): LlamaForCausalLM's forward for patched instances
+
+
+def assert_same_grads(model, ref, what=""):
+    grads_ref = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, grads_ref[name].grad, f"{what}grad of {name}", rtol=1e-3, atol=1e-4)
+
+
+def with_ignored(ids):
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt without loss
+    labels[-1, -2:] = -100
+    return labels
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_loss_every_gradient_and_no_logits(pair, backend, tied):
+    """Training with labels: HF's loss (shifted labels, -100 ignored) and every gradient, from
+    the fused head; logits None. Tied: lm_head.weight is the embedding, one Parameter."""
+    ref, model = pair(tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    lfp.patch(model, **({"attention": False, "rope": False} if backend == "auto" else {}))  # the loss's kernels
+    ids = tokens(2, 9)
+    labels = with_ignored(ids)
+    ref.train(), model.train()
+    expected = ref(ids, labels=labels)
+    expected.loss.backward()
+    with BACKENDS[backend]():
+        out = model(ids, labels=labels)
+        out.loss.backward()
+    assert out.logits is None and lfp.LOSS_CALLS == {"fused": 1}
+    assert lfp.FUNCTION_CALLS[FORWARD_KEY, "llama_fast"] == 1
+    assert out.loss.dtype == torch.float32 and out.loss.shape == expected.loss.shape
+    assert_close(out.loss, expected.loss, "loss", rtol=1e-5, atol=1e-6)
+    assert_same_grads(model, ref)
+    assert set(out.keys()) == set(expected.keys()) - {"logits"}  # loss and the base model's cache
+
+
+def test_no_tensor_of_logits_outside_the_op(pair):
+    """Forward and backward of the patched model create no (…, vocab) tensor: the only op
+    that sees the vocabulary dimension is llama_fast's fused one (whose chunked memory is
+    tests/test_cross_entropy.py's). The unpatched model makes the logits and their grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    ref, model = pair(intermediate_size=96)  # no other dimension is the vocabulary's (128)
+    lfp.patch(model, rms_norm=False, rope=False, swiglu=False, attention=False)  # only the loss
+    ref.train(), model.train()
+    ids = tokens(2, 16)
+    logits_like = {}
+    for m, name in ((ref, "unpatched"), (model, "patched")):
+        with llama_fast.backend("torch"), Shapes() as shapes:
+            m(ids, labels=ids, use_cache=False).loss.backward()
+        logits_like[name] = [(f, shape) for f, shape in shapes.seen
+                             if shape[-1:] == (VOCAB,) and "linear_cross_entropy" not in f]
+    assert logits_like["unpatched"], "the unpatched model should make (…, vocab) logits"
+    assert logits_like["patched"] == []
+
+
+def test_eval_mode_and_calls_without_labels_give_hf_logits(pair):
+    ref, model = pair()
+    lfp.patch(model, rms_norm=False, rope=False, swiglu=False, attention=False)  # only the loss
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        out, expected = model(ids, labels=ids), ref(ids, labels=ids)  # eval mode: HF's forward
+        assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+        model.train(), ref.train()
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # training, no labels
+    assert lfp.LOSS_CALLS == {"transformers: eval mode": 1, "transformers: no labels": 1}
+
+
+def test_num_items_in_batch_gradient_accumulation(pair):
+    """Two micro-batches, each loss summed over the labelled tokens and divided by the count
+    of the whole batch (a tensor, as Trainer passes it, and an int), accumulated."""
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+    micro = [tokens(2, 8), tokens(1, 6)]
+    labels = [with_ignored(ids) for ids in micro]
+    total = sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
+    for num_items in (torch.tensor(total), total):
+        for m in (ref, model):
+            m.zero_grad()
+        losses = {}
+        for m, name in ((ref, "ref"), (model, "patched")):
+            with llama_fast.backend("torch"):
+                losses[name] = [m(ids, labels=lab, num_items_in_batch=num_items).loss for ids, lab in zip(micro, labels)]
+                sum(losses[name]).backward()
+        for got, want in zip(losses["patched"], losses["ref"]):
+            assert_close(got, want, f"micro-batch loss, num_items_in_batch={num_items!r}", rtol=1e-5, atol=1e-6)
+        assert_same_grads(model, ref, f"num_items_in_batch={num_items!r}: ")
+    assert lfp.LOSS_CALLS == {"fused": 4}
+
+
+def test_shift_labels_and_ignore_index_from_the_kwargs(pair):
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    shift = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], 7)], 1)
+    with torch.no_grad(), llama_fast.backend("torch"):
+        for kw in ({"shift_labels": shift}, {"ignore_index": 7}, {"shift_labels": shift, "ignore_index": 7}):
+            out, expected = model(ids, labels=ids, **kw), ref(ids, labels=ids, **kw)
+            assert out.logits is None
+            assert_close(out.loss, expected.loss, f"loss with {sorted(kw)}", rtol=1e-5, atol=1e-6)
+
+
+def test_logits_to_keep(pair):
+    """Labels for the kept positions only, an int and (a tensor of) positions, as HF's forward."""
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 9)
+    for keep in (4, torch.tensor([0, 2, 3, 7])):
+        for m in (ref, model):
+            m.zero_grad()
+        labels = ids[:, -4:] if isinstance(keep, int) else ids[:, keep]
+        expected = ref(ids, labels=labels, logits_to_keep=keep)
+        expected.loss.backward()
+        with llama_fast.backend("torch"):
+            out = model(ids, labels=labels, logits_to_keep=keep)
+            out.loss.backward()
+        assert out.logits is None
+        assert_close(out.loss, expected.loss, f"loss with logits_to_keep={keep!r}", rtol=1e-5, atol=1e-6)
+        assert_same_grads(model, ref, f"logits_to_keep={keep!r}: ")
+    with pytest.raises(ValueError, match="labels"), llama_fast.backend("torch"):
+        model(ids, labels=ids, logits_to_keep=4)  # 9 labels for 4 positions
+
+
+def test_return_dict_false_and_positional_arguments(pair):
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), llama_fast.backend("torch"):
+        out = model(ids, labels=ids, return_dict=False, use_cache=False)
+        expected = ref(ids, labels=ids, return_dict=False, use_cache=False)
+        assert isinstance(out, tuple) and len(out) == 1  # the loss; no logits (None is left out)
+        assert_close(out[0], expected[0], "loss of the tuple")
+        positional = model(ids, mask, None, None, None, ids)  # labels is the 6th, as in HF's signature
+        assert positional.logits is None
+        assert_close(positional.loss, expected[0], "loss with positional arguments")
+    assert lfp.LOSS_CALLS == {"fused": 2}
+
+
+def test_fused_loss_in_bfloat16(pair):
+    """A bf16 model: HF upcasts the bf16 logits to float32 for the loss; the op computes in
+    float32 and rounds the loss to bf16 (then float32): equal within bf16 rounding, and the
+    gradients are bf16 as HF's are."""
+    ref, model = pair(torch.bfloat16)
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    expected = ref(ids, labels=ids)
+    expected.loss.backward()
+    with llama_fast.backend("torch"):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None and out.loss.dtype == torch.float32
+    assert_close(out.loss, expected.loss, "bf16 loss", rtol=1e-2, atol=1e-2)
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16
+    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "bf16 lm_head grad", rtol=5e-2, atol=5e-2)
+
+
+def test_autocast_bfloat16(pair):
+    """Under CPU autocast the head's inputs are cast to bfloat16 as F.linear would be: the
+    same loss within bfloat16 tolerance, float32 gradients for the float32 Parameters."""
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(ids, labels=ids)
+        with llama_fast.backend("torch"):
+            out = model(ids, labels=ids)
+    expected.loss.backward()
+    out.loss.backward()
+    assert out.logits is None and out.loss.dtype == torch.float32
+    assert_close(out.loss, expected.loss, "autocast loss", rtol=2e-2, atol=2e-2)
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "autocast lm_head grad", rtol=5e-2, atol=5e-2)
+
+
+def test_unserved_loss_functions_run_hf_forward_with_a_warning(pair):
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+
+    def doubled(logits, labels, vocab_size, **kwargs):
+        return 2 * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+    model.loss_function = ref.loss_function = doubled
+    ids = tokens(2, 8)
+    importlib.import_module("llama_fast.hf_causal_lm")._WARNED.clear()
+    with torch.no_grad(), llama_fast.backend("torch"), pytest.warns(UserWarning, match="loss function other than"):
+        out = model(ids, labels=ids)
+    with torch.no_grad():
+        expected = ref(ids, labels=ids)
+    assert out.logits is not None
+    assert_close(out.loss, expected.loss, "loss of a custom loss function")
+
+
+def test_cross_entropy_off_keeps_hf_forward(pair):
+    ref, model = pair()
+    report = lfp.patch(model, cross_entropy=False)
+    assert report.counts["cross_entropy"] == 0 and report.counts["rms_norm"] == 5
+    assert any(s.kind == "cross_entropy" and "disabled" in s.reason for s in report.left_alone)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    with torch.no_grad(), llama_fast.backend("torch"):
+        out = model(ids, labels=ids)
+        expected = ref(ids, labels=ids)
+    assert out.logits is not None and not lfp.LOSS_CALLS
+    assert not lfp.FUNCTION_CALLS[FORWARD_KEY, "llama_fast"]
+    assert_close(out.logits, expected.logits, "logits")
+    assert_close(out.loss, expected.loss, "loss")
+    assert lfp.patch(model).counts["cross_entropy"] == 1  # enabled later: patched then
+
+
+def test_torch_compile_fullgraph_training_step_with_the_fused_loss(pair):
+    """Dynamo traces the forward dispatcher, the argument binding and the fused loss in one
+    graph (attention left to SDPA: the mask function's packed-sequence check reads data)."""
+    ref, model = pair()
+    lfp.patch(model, attention=False)
+    ref.train(), model.train()
+    ids = tokens(2, 8)
+    labels = with_ignored(ids)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with llama_fast.backend("torch"):
+        out = compiled(ids, labels=labels, use_cache=False)
+        out.loss.backward()
+    torch._dynamo.reset()
+    expected = ref(ids, labels=labels, use_cache=False)
+    expected.loss.backward()
+    assert out.logits is None and lfp.LOSS_CALLS["fused"] == 1
+    assert_close(out.loss, expected.loss, "compiled loss", rtol=1e-5, atol=1e-6)
+    assert_same_grads(model, ref, "compiled: ")
+
+
+def test_patch_transformers_with_cross_entropy_off():
+    try:
+        lfp.patch_transformers(cross_entropy=False)
+        model = LlamaForCausalLM(tiny_config())
+    finally:
+        lfp.unpatch_transformers()
+    try:
+        report = model._llama_fast_report
+        assert report.counts["cross_entropy"] == 0 and report.counts["swiglu"] == 2, str(report)
+        assert LlamaForCausalLM.forward is ORIGINAL_FORWARD
+        model.train()
+        ids = tokens(1, 6)
+        with torch.no_grad(), llama_fast.backend("torch"):
+            assert model(ids, labels=ids).logits is not None
+    finally:
+        lfp.unpatch(model)
+
+
+def test_the_forward_swap_is_per_instance(pair):
+    """The class's forward is a dispatcher while a model is patched: unpatched instances (and
+    one with an instance-level forward, as accelerate's hooks set) run HF's forward."""
+    ref, model = pair()
+    _, hooked = pair()
+    hooked.forward = functools.partial(ORIGINAL_FORWARD, hooked)
+    lfp.patch(model)
+    report = lfp.patch(hooked)
+    assert any(s.kind == "cross_entropy" and "overridden on the instance" in s.reason for s in report.left_alone)
+    ref.train(), model.train(), hooked.train()
+    ids = tokens(1, 6)
+    with torch.no_grad(), llama_fast.backend("torch"):
+        assert ref(ids, labels=ids).logits is not None and hooked(ids, labels=ids).logits is not None
+        assert model(ids, labels=ids).logits is None
+    assert lfp.FUNCTION_CALLS[FORWARD_KEY, "original"] == 1 and lfp.FUNCTION_CALLS[FORWARD_KEY, "llama_fast"] == 1
+    assert inspect.signature(model.forward) == inspect.signature(ORIGINAL_FORWARD.__get__(model))
+
+
+# ---------------------------------------------------------------------------------------
 # What the attention function does not serve
 
 
@@ -429,13 +738,17 @@ def test_packed_sequences(pair):
     with llama_fast.backend("torch"):
         out = model(ids, position_ids=pos, labels=ids, use_cache=False)
         out.loss.backward()
+        with torch.no_grad():
+            logits = model(ids, position_ids=pos, use_cache=False).logits
     expected = ref(ids, position_ids=pos, labels=ids, use_cache=False)
     expected.loss.backward()
     with torch.no_grad():
         unpacked = ref(ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits
     assert not torch.allclose(unpacked[:, 4:], expected.logits[:, 4:], atol=1e-3), "the packing was not detected"
-    assert lfp.ATTENTION_CALLS == {"flash_attn_varlen (packed)": 2}
-    assert_close(out.logits, expected.logits, "logits of packed sequences")
+    assert lfp.ATTENTION_CALLS == {"flash_attn_varlen (packed)": 4}
+    assert out.logits is None
+    assert_close(out.loss, expected.loss, "loss of packed sequences")
+    assert_close(logits, expected.logits, "logits of packed sequences")
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, f"grad of {name}", rtol=1e-3, atol=1e-4)
 
@@ -484,7 +797,7 @@ def test_patch_transformers_before_building(tmp_path):
         assert type(m.model.layers[0].mlp) is ml.LlamaMLP  # swiglu=False
         assert m.config._attn_implementation == lfp.ATTN_IMPLEMENTATION
         report = m._llama_fast_report
-        assert report.counts == {"rms_norm": 5, "rope": 2, "swiglu": 0, "attention": 1}, str(report)
+        assert report.counts == {"rms_norm": 5, "rope": 2, "swiglu": 0, "attention": 1, "cross_entropy": 1}, str(report)
         assert not report.already
     assert "post_init" not in ml.LlamaPreTrainedModel.__dict__
     with llama_fast.backend("torch"), torch.no_grad():
@@ -496,6 +809,7 @@ def test_patch_transformers_before_building(tmp_path):
         assert type(m.model.norm) is ml.LlamaRMSNorm and m.config._attn_implementation == "sdpa"
     gc.collect()
     assert ml.apply_rotary_pos_emb is ORIGINAL_ROPE
+    assert LlamaForCausalLM.forward is ORIGINAL_FORWARD
 
 
 def test_patch_transformers_rejects_unknown_families():

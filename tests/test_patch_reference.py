@@ -11,6 +11,7 @@ shows which path served a call, so a test cannot pass by quietly running the ori
 """
 from __future__ import annotations
 
+import collections
 import copy
 import importlib
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_fast
 from llama_fast import model as ref_model
@@ -88,7 +90,7 @@ def test_rules_and_report(pair):
     assert {r.family for r in lfp.RULES} >= {"llama_fast_reference"}
     n = ref.args.n_layers
     # per layer: block, attention_norm, ffn_norm (+ the final norm)
-    assert report.counts == {"rms_norm": 3 * n + 1, "rope": n, "swiglu": n, "attention": n}
+    assert report.counts == {"rms_norm": 3 * n + 1, "rope": n, "swiglu": n, "attention": n, "cross_entropy": 1}
     assert not report.left_alone, str(report)
     for layer in model.layers:
         assert type(layer) is lfmf.MetaTransformerBlock
@@ -97,6 +99,7 @@ def test_rules_and_report(pair):
         assert type(layer.feed_forward) is lfnn.SwiGLUMLP
         assert type(layer.attention_norm) is type(layer.ffn_norm) is lfnn.RMSNorm
     assert type(model.norm) is lfnn.RMSNorm
+    assert type(model.loss_head) is lfmf.FusedCrossEntropyHead
     # the same state dict keys, and nothing but the reference's Parameters
     assert list(model.state_dict()) == list(ref.state_dict())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
@@ -265,19 +268,106 @@ def test_unpatch_restores_types_parameters_cache_and_outputs(pair):
         assert type(layer.attention) is ref_model.Attention and type(layer.attention.rotary) is ref_model.Rotary
         assert type(layer.feed_forward) is ref_model.FeedForward
         assert type(layer.attention_norm) is type(layer.ffn_norm) is ref_model.RMSNorm
+    assert type(model.loss_head) is ref_model.CrossEntropyHead
     assert model.layers[0].attention.kv_cache is cache
     assert all(p is params[k] for k, p in model.named_parameters())
     model.drop_cache()
     tokens = torch.randint(0, VOCAB, (2, 7))
     assert torch.equal(model(tokens), ref(tokens))
+    assert torch.equal(model(tokens, targets=tokens), ref(tokens, targets=tokens))
     assert sum(llama_fast.unpatch(model).counts.values()) == 0
+
+
+class _OpsSeen(TorchDispatchMode):
+    """The ops dispatched inside it (a custom op shows as itself, e.g. llama_fast.linear_cross_entropy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+FUSED_CE = "llama_fast.linear_cross_entropy.default"
+
+
+def loss_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens shifted left by one; the last position and a few others without a loss (-100)."""
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+    targets[0, :3] = -100  # a prompt whose tokens carry no loss
+    return targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("name", ["tiny-3.1", "tiny-tied"])
+def test_fused_loss_head_loss_and_every_gradient(backend, name):
+    """forward(tokens, targets=...): the unpatched model's eager float32 cross-entropy vs the
+    patched model's fused head; tiny-tied's output weight is the embedding (one Parameter
+    getting both gradients)."""
+    ref = Transformer(ModelArgs.from_name(name).scaled(vocab_size=VOCAB))
+    model = copy.deepcopy(ref)
+    report = llama_fast.patch(model)
+    try:
+        assert report.counts["cross_entropy"] == 1 and type(model.loss_head) is lfmf.FusedCrossEntropyHead
+        assert (model.output.weight is model.tok_embeddings.weight) == (name == "tiny-tied")
+        tokens = torch.randint(0, VOCAB, (2, 11))
+        targets = loss_targets(tokens)
+        want = ref(tokens, targets=targets)
+        want.backward()
+        with llama_fast.backend(backend), _OpsSeen() as seen:
+            got = model(tokens, targets=targets)
+            got.backward()
+        assert seen.names[FUSED_CE] == 1
+        assert got.dtype == want.dtype == torch.float32 and got.shape == ()
+        assert_close(got, want, "loss")
+        grads = dict(model.named_parameters())
+        for pname, p in ref.named_parameters():
+            assert_close(grads[pname].grad, p.grad, f"grad of {pname}", tol=2e-4)
+    finally:
+        llama_fast.unpatch(model)
+
+
+def test_cross_entropy_flag_off_and_unpatch_restore_the_head():
+    model = tiny_model()
+    report = llama_fast.patch(model, cross_entropy=False)
+    try:
+        assert report.counts["cross_entropy"] == 0 and report.counts["attention"] == 2
+        assert any(s.kind == "cross_entropy" and "disabled" in s.reason for s in report.left_alone)
+        assert type(model.loss_head) is ref_model.CrossEntropyHead
+        tokens = torch.randint(0, VOCAB, (2, 7))
+        with llama_fast.backend("torch"), _OpsSeen() as seen:
+            model(tokens, targets=tokens)
+        assert seen.names[FUSED_CE] == 0
+        assert llama_fast.patch(model).counts["cross_entropy"] == 1  # enabled later: patched then
+        assert type(model.loss_head) is lfmf.FusedCrossEntropyHead
+    finally:
+        llama_fast.unpatch(model)
+    assert type(model.loss_head) is ref_model.CrossEntropyHead
+
+
+def test_fused_head_runs_the_reference_formula_in_float64():
+    """float64 is not an op dtype: the fused head runs the reference's formula, exactly."""
+    ref = tiny_model(torch.float64)
+    model = copy.deepcopy(ref)
+    llama_fast.patch(model)
+    try:
+        tokens = torch.randint(0, VOCAB, (2, 7))
+        with _OpsSeen() as seen:
+            got = model.loss_head(torch.randn(2, 7, 64, dtype=torch.float64), model.output, tokens)
+        assert seen.names[FUSED_CE] == 0 and got.dtype == torch.float64
+        h = torch.randn(2, 7, 64, dtype=torch.float64)
+        assert torch.equal(model.loss_head(h, model.output, tokens), ref.loss_head(h, ref.output, tokens))
+    finally:
+        llama_fast.unpatch(model)
 
 
 def test_patch_flags_and_partial_patch():
     model = tiny_model()
     report = llama_fast.patch(model, attention=False, rms_norm=False)
     try:
-        assert report.counts == {"rms_norm": 0, "rope": 2, "swiglu": 2, "attention": 0}
+        assert report.counts == {"rms_norm": 0, "rope": 2, "swiglu": 2, "attention": 0, "cross_entropy": 1}
         assert type(model.layers[0]) is ref_model.TransformerBlock
         assert type(model.layers[0].attention.rotary) is lfmf.MetaRotary
     finally:
@@ -286,7 +376,7 @@ def test_patch_flags_and_partial_patch():
 
 
 def test_torch_compile_fullgraph_training_step(pair):
-    """Inductor, fullgraph, forward + backward of the patched model; the "auto" backend
+    """Inductor, fullgraph, forward + backward of the patched model and its fused loss; the "auto" backend
     (Triton kernels under the interpreter on a CPU: custom ops are opaque to the compiler)."""
     torch._dynamo.reset()
     ref, model, _ = pair()
@@ -294,7 +384,7 @@ def test_torch_compile_fullgraph_training_step(pair):
     targets = torch.randint(0, VOCAB, (2, 8))
 
     def step(m):
-        return F.cross_entropy(m(tokens).flatten(0, 1), targets.flatten())
+        return m(tokens, targets=targets)  # the fused loss head inside the graph
 
     eager = copy.deepcopy(model)  # a deep copy keeps the patched modules
     want = step(eager)
@@ -307,12 +397,14 @@ def test_torch_compile_fullgraph_training_step(pair):
     for name, p in model.named_parameters():
         assert_close(p.grad, grads[name].grad, f"grad of {name}", tol=2e-4)
     assert calls("flash_attn") > 0 and sdpa_calls() == 0
+    assert type(model.loss_head) is lfmf.FusedCrossEntropyHead
     torch._dynamo.reset()
 
 
 def test_adamw_20_steps_follow_the_reference(pair):
     """torch backend (20 forward/backward/AdamW steps under the interpreter would be slow)."""
     ref, model, _ = pair()
+    assert type(model.loss_head) is lfmf.FusedCrossEntropyHead
     data = torch.randint(0, VOCAB, (2, 2, 9)).repeat(10, 1, 1)  # two batches, ten times each: it must learn
     curves = []
     with llama_fast.backend("torch"):
@@ -320,7 +412,7 @@ def test_adamw_20_steps_follow_the_reference(pair):
             opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)
             losses = []
             for batch in data:
-                loss = F.cross_entropy(m(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+                loss = m(batch[:, :-1], targets=batch[:, 1:])  # the fused loss head when patched
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -356,7 +448,7 @@ _DDP_WORKER = textwrap.dedent('''
         per = data.shape[1] // world
         for batch in data:
             mine = batch[rank * per:(rank + 1) * per]
-            loss = F.cross_entropy(ddp(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten())
+            loss = ddp(mine[:, :-1], targets=mine[:, 1:])  # the fused loss head
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -378,7 +470,7 @@ def _free_port() -> int:
 
 
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
-    """Two gloo processes (subprocesses), the patched model in DDP, 3 AdamW steps: the
+    """Two gloo processes (subprocesses), the patched model (fused loss head included) in DDP, 3 AdamW steps: the
     gradients are the same on both ranks and match one process on the whole batch. The
     workers use the torch backend (LLAMA_FAST_BACKEND=torch: the interpreter in two
     processes on a loaded machine would be slow); the in-process run uses the same."""
@@ -410,7 +502,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     opt = torch.optim.AdamW(single.parameters(), lr=3e-3)
     with llama_fast.backend("torch"):
         for batch in data:
-            loss = F.cross_entropy(single(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            loss = single(batch[:, :-1], targets=batch[:, 1:])
             opt.zero_grad()
             loss.backward()
             opt.step()
