@@ -31,9 +31,16 @@ def _fd():
 
 
 def _decoder(impl: str):
+    """The decode of one backend, through the dispatcher (so shapes outside the cuda kernel's
+    tile take the routing rule to triton, as a user's call does)."""
     if impl == "triton":
         return _fd().decode
-    return backends.get("cuda").ops()["decode"]
+
+    def decode(*args):
+        with llama_fast.backend(impl):
+            return backends.run("decode", args[0].device, *args)
+
+    return decode
 
 
 _CUDA_WHY = backends.device_reason("cuda", DEVICE)
