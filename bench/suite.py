@@ -408,7 +408,7 @@ class Progress:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", help=f"comma list of ops (default all): {','.join(OPS)} (rope = apply_rope)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no torch.compile, no ceilings: a CPU check")
@@ -417,10 +417,10 @@ def parse_args(argv):
     p.add_argument("--grid", choices=("full", "headline"), default="full", help="the sweep, or gpu_check's compact set")
     p.add_argument("--budget-s", type=float, default=None, help="wall time; jobs that do not fit are skipped")
     p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile, FlexAttention, hf_compile")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     p.add_argument("--commit", help="commit to report (default: git rev-parse HEAD, else $LLAMA_FAST_COMMIT)")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--reps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (default: the grid's setting)")
+    p.add_argument("--reps", type=int, help="timed calls per row, the median reported (default: the grid's setting)")
     return p.parse_args(argv)
 
 
