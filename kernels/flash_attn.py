@@ -530,6 +530,15 @@ def attn_varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale
     return _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
+def useful_mma_flops(kernel: str, constexprs: dict) -> int | None:
+    """The GEMM FLOPs one iteration of a kernel's dot loop needs (whole CTA), for the
+    compile check's work ratio: forward S = QK^T and O += PV; dK/dV S^T, dV, dP^T and dK;
+    dQ S, dP and dQ. Each is 2 x (query rows) x (keys) x head dim."""
+    per_gemm = 2 * constexprs.get("BLOCK_M", 0) * constexprs.get("BLOCK_N", 0) * constexprs.get("HEAD_DIM", 0)
+    gemms = {"_attn_fwd_kernel": 2, "_attn_bwd_dkdv_kernel": 4, "_attn_bwd_dq_kernel": 3}.get(kernel)
+    return gemms * per_gemm if gemms else None
+
+
 def compile_configs():
     """The configurations the launchers use: head dims 64 and 128 in bf16, causal or not,
     fixed-length and varlen; float16 and float32 at 128; 256 (the smallest tiles)."""

@@ -340,6 +340,14 @@ def _split_signature(dtype: str, write_out: bool) -> dict:
     return sig
 
 
+def useful_mma_flops(kernel: str, constexprs: dict) -> int | None:
+    """GEMM FLOPs of one key block of the split kernel (QK^T and PV over the padded row
+    tile; decoding is memory-bound, the ratio only shows the tile has no duplicated work)."""
+    if kernel != "_flash_decode_split_kernel":
+        return None
+    return 2 * 2 * constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * constexprs["HEAD_DIM"]
+
+
 def compile_configs():
     """The configurations the launchers use for Llama-3 decoding: head dims 64 and 128 in
     bf16 and fp16 at Sq 1 with GQA 4 or 8 (8B/70B: 32/8 and 64/8 heads; 8 x Sq 1 rounds up

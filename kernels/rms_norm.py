@@ -147,6 +147,23 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
     return dx.view(shape), dw_partial.sum(0).to(weight.dtype)
 
 
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def min_global_bytes(kernel: str, constexprs: dict, signature: dict) -> int:
+    """Bytes the kernel's code must move with each loop body run once, for the compile
+    check's bytes ratio: forward x and y (with a residual also r and h) of a BLOCK_M x
+    BLOCK_N tile and the weight; backward dy, h and dx (and dh) of one tile in the row
+    loop, plus the weight and the float32 dW partial row outside it."""
+    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    size = {name: _BYTES[t[1:]] for name, t in signature.items() if t.startswith("*")}
+    if kernel == "_rms_norm_fwd_kernel":
+        tensors = ["X", "Y"] + (["R", "H"] if constexprs["HAS_RESIDUAL"] else [])
+        return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * size["W"]
+    tensors = ["DY", "H", "DX"] + (["DH"] if constexprs["HAS_DH"] else [])
+    return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * (size["W"] + 4)
+
+
 def compile_configs():
     """Every (kernel, signature, constexprs, num_warps, launch_hints) the launchers above can
     use, for the hidden sizes we ship (BLOCK_N spans all powers of two a supported size

@@ -75,6 +75,98 @@ KERNEL_MODULES = (
 )
 DEFAULT_ARCHS = (80, 90)
 
+# What one SM of each arch offers a kernel (CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability"): shared memory per SM and the most one block
+# may opt in to (bytes), resident warps and blocks, 32-bit registers. The runtime also
+# reserves RESERVED_SHARED per block. sm_86/89/120 are the consumer and workstation parts
+# (A10, L4, L40S, RTX 30/40/50): 99 KiB per block, 48 warps.
+ArchLimits = collections.namedtuple("ArchLimits", "smem_per_sm smem_per_block max_warps max_ctas registers")
+ARCH_LIMITS = {
+    80: ArchLimits(164 * 1024, 163 * 1024, 64, 32, 65536),
+    86: ArchLimits(100 * 1024, 99 * 1024, 48, 16, 65536),
+    89: ArchLimits(100 * 1024, 99 * 1024, 48, 24, 65536),
+    90: ArchLimits(228 * 1024, 227 * 1024, 64, 32, 65536),
+    100: ArchLimits(228 * 1024, 227 * 1024, 64, 32, 65536),
+    120: ArchLimits(100 * 1024, 99 * 1024, 48, 32, 65536),
+}
+RESERVED_SHARED = 1024
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
+
+
+def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> tuple[int, str]:
+    """``(blocks per SM, what limits it)`` for a kernel using ``registers`` per thread and
+    ``shared`` bytes per block on ``arch``, as the CUDA occupancy calculator counts them;
+    0 blocks if it does not fit at all."""
+    lim = ARCH_LIMITS[arch]
+    per_warp = -(-registers * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    bounds = {
+        "blocks": lim.max_ctas,
+        "warps": lim.max_warps // num_warps,
+        "registers": (lim.registers // per_warp) // num_warps if per_warp else lim.max_ctas,
+        "smem": (lim.smem_per_sm // (shared + RESERVED_SHARED)) if shared <= lim.smem_per_block else 0,
+    }
+    limiter = min(bounds, key=lambda k: (bounds[k], k != "blocks"))
+    return bounds[limiter], limiter
+
+
+# Tensor-core instructions in PTX and the FLOPs one of them issues: mma.sync is per warp,
+# wgmma per warpgroup (4 warps). tcgen05.mma (sm_100) keeps its shape in a runtime
+# descriptor, so it is only counted, not sized.
+_MMA_SYNC = re.compile(r"\bmma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_WGMMA = re.compile(r"\bwgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_TCGEN05 = re.compile(r"\btcgen05\.mma\b")
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """``(first line, last line)`` of each loop in a PTX function: a label and a later
+    branch back to it (LLVM lays a loop's body out between the two)."""
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b and b.group(1) in labels:
+            loops.append((labels[b.group(1)], i))
+    return loops
+
+
+def tensor_core_work(ptx: str, num_warps: int) -> dict:
+    """MMA FLOPs the CTA issues per execution of each innermost loop holding tensor-core
+    instructions (and outside any loop): each instruction's m*n*k*2 times the warps or
+    warpgroups that execute it. ``loops``: those FLOPs per loop, in code order."""
+    lines = ptx.splitlines()
+    loops = _loops(lines)
+    per_loop: dict = collections.Counter()
+    outside = 0
+    tcgen05 = 0
+    for i, line in enumerate(lines):
+        if _TCGEN05.search(line):
+            tcgen05 += 1
+            continue
+        m, copies = _WGMMA.search(line), max(1, num_warps // 4)
+        if not m:
+            m, copies = _MMA_SYNC.search(line), num_warps
+        if not m:
+            continue
+        flops = 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * copies
+        inner = [lp for lp in loops if lp[0] <= i <= lp[1]]
+        if inner:
+            per_loop[min(inner, key=lambda lp: lp[1] - lp[0])] += flops
+        else:
+            outside += flops
+    return {"loops": [per_loop[k] for k in sorted(per_loop)], "outside": outside, "tcgen05": tcgen05}
+
+
+def global_bytes_per_cta(ptx: str, num_warps: int) -> int:
+    """Bytes the CTA's global loads and stores move if every instruction in the code runs
+    once (each loop body once): instruction width x threads."""
+    loads, stores = global_access_bytes(ptx)
+    return sum(int(w) * n for d in (loads, stores) for w, n in d.items()) * 32 * num_warps
+
 
 class InterpreterEnabledError(RuntimeError):
     pass
@@ -202,7 +294,8 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
     spills, tensor-core instructions, compile time, and the error if it failed."""
     result = {"specialized": None, "shared": None, "registers": "?", "stack": "?", "spill_stores": "?",
               "spill_loads": "?", "compile_s": None, "tensor_cores": None, "load_bytes": None, "store_bytes": None,
-              "error": None}
+              "ctas_per_sm": None, "occupancy_limit": None, "mma_flops": None, "useful_flops": None,
+              "work_ratio": None, "bytes_moved": None, "min_bytes": None, "bytes_ratio": None, "error": None}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -235,10 +328,41 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
         ptx = compiled.asm["ptx"]
         result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
         result["load_bytes"], result["store_bytes"] = global_access_bytes(ptx)
+        result.update(static_costs(fn, constexprs, signature, options["num_warps"], arch, result, ptx))
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
         # Triton's CompilationError message already points at the kernel source line.
         result["error"] = "".join(traceback.format_exception_only(e)).strip()
     return result
+
+
+def static_costs(fn, constexprs: dict, signature: dict, num_warps: int, arch: int, result: dict, ptx: str) -> dict:
+    """Occupancy, tensor-core work ratio and bytes moved against the op's minimum.
+
+    The kernel's module says what one iteration of its work needs: ``useful_mma_flops``
+    (the GEMM FLOPs of one iteration of a dot loop, whole CTA) and ``min_global_bytes``
+    (the bytes the code must move if each loop body ran once). The ratio compares that to
+    what the compiled code issues per loop iteration, summed over every dot loop the PTX
+    holds (a kernel with a masked and an unmasked copy of its loop has two)."""
+    import sys as _sys
+
+    module = _sys.modules[fn.__module__]
+    costs = {}
+    if isinstance(result["registers"], int):
+        costs["ctas_per_sm"], costs["occupancy_limit"] = occupancy(arch, num_warps, result["registers"],
+                                                                   result["shared"])
+    useful = getattr(module, "useful_mma_flops", lambda *a: None)(fn.__name__, constexprs)
+    if useful:
+        work = tensor_core_work(ptx, num_warps)
+        costs["mma_flops"] = work
+        costs["useful_flops"] = useful
+        if work["loops"] and not work["tcgen05"]:
+            costs["work_ratio"] = round((sum(work["loops"]) + work["outside"]) / (useful * len(work["loops"])), 3)
+    minimum = getattr(module, "min_global_bytes", lambda *a: None)(fn.__name__, constexprs, signature)
+    if minimum:
+        costs["bytes_moved"] = global_bytes_per_cta(ptx, num_warps)
+        costs["min_bytes"] = minimum
+        costs["bytes_ratio"] = round(costs["bytes_moved"] / minimum, 3)
+    return costs
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
@@ -317,6 +441,17 @@ def _access_cell(r: dict | None) -> str:
     return "/".join(",".join(sorted(r[key], key=int, reverse=True)) or "-" for key in ("load_bytes", "store_bytes"))
 
 
+def _occupancy_cell(r: dict | None) -> str:
+    """``2 (smem)``: resident blocks per SM and the resource that limits them."""
+    if r is None or r.get("ctas_per_sm") is None:
+        return "-"
+    return f"{r['ctas_per_sm']} ({r['occupancy_limit']})"
+
+
+def _ratio_cell(r: dict | None, key: str) -> str:
+    return "-" if r is None or r.get(key) is None else f"{r[key]:.2f}"
+
+
 def format_table(results: list[dict]) -> str:
     """One row per (configuration, arch); launch and general variants side by side."""
     def constexprs(r):
@@ -329,7 +464,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
     header = ("kernel", "sm", "types", "constexprs", "warps", "smem L/G", "regs L/G", "stack L/G",
-              "spill st/ld launch", "general", "tensor cores", "ld/st bytes launch")
+              "spill st/ld launch", "general", "tensor cores", "ld/st bytes launch", "CTAs/SM", "work", "bytes")
     rows = [header]
     for variants in grouped.values():
         launch, general = variants.get("launch"), variants.get("general")
@@ -337,7 +472,8 @@ def format_table(results: list[dict]) -> str:
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
-                     str(first.get("tensor_cores") or "-"), _access_cell(launch)))
+                     str(first.get("tensor_cores") or "-"), _access_cell(launch), _occupancy_cell(launch),
+                     _ratio_cell(launch, "work_ratio"), _ratio_cell(launch, "bytes_ratio")))
     return align_columns(rows)
 
 
