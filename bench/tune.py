@@ -94,11 +94,11 @@ def override(role: str, cfg: dict):
     fa, fd = _flash_attn_module(), _flash_decode_module()
     saved = fa.forward_config, fa.backward_configs, fd.launch_config
 
-    def forward_config(head_dim, dtype=torch.bfloat16):
-        return dict(cfg) if role == "fwd" and dtype != torch.float32 else saved[0](head_dim, dtype)
+    def forward_config(head_dim, dtype=torch.bfloat16, *args, **kwargs):
+        return dict(cfg) if role == "fwd" and dtype != torch.float32 else saved[0](head_dim, dtype, *args, **kwargs)
 
-    def backward_configs(head_dim, dtype=torch.bfloat16):
-        dkdv, dq = saved[1](head_dim, dtype)
+    def backward_configs(head_dim, dtype=torch.bfloat16, *args, **kwargs):
+        dkdv, dq = saved[1](head_dim, dtype, *args, **kwargs)
         if dtype == torch.float32:
             return dkdv, dq
         return (dict(cfg), dq) if role == "dkdv" else (dkdv, dict(cfg)) if role == "dq" else (dkdv, dq)

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel configuration for sm_80 and sm_90, no GPU needed.
+"""Compile every Triton kernel configuration for sm_80 to sm_120, no GPU needed.
 
 Why this exists: the CPU test suite runs the kernels under the Triton interpreter, which
 never lowers them to PTX, so a kernel that fails to compile for a real GPU, needs too much
@@ -13,7 +13,26 @@ and how wide the global loads and stores are (from the PTX: a memory-bound kerne
 moves 2 bytes per instruction where it could move 16 is slow on a GPU and right on the
 interpreter).
 
-    python -m llama_fast.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
+    python -m llama_fast.compile_check [--arch 80 90 ...] [--all-archs] [--jobs N] [--json FILE] [--general-all]
+
+Archs: sm_80, 86, 89, 90, 100 and 120 (``ALL_ARCHS``); the memory-bound kernels only for
+sm_80 and sm_90 unless ``--all-archs`` (``MODULE_ARCHS``). A configuration may name the
+archs that launch it (``config_archs``: attention tiles per GPU class).
+
+Static cost evidence (columns ``CTAs/SM``, ``work``, ``bytes``; keys in the JSON)
+----------------------------------------------------------------------------------
+* ``ctas_per_sm`` / ``occupancy_limit``: resident blocks per SM from the registers,
+  shared memory and warps against ``ARCH_LIMITS`` (``occupancy``).
+* ``work_ratio``: tensor-core FLOPs issued over useful FLOPs. Every mma.sync / wgmma in the
+  PTX is sized from its shape (m x n x k x 2, times the warps or warpgroups that issue
+  it) and assigned to its innermost loop; each dot loop counts once per iteration, so a
+  kernel with a masked and an unmasked copy of its loop is compared against two
+  iterations of useful work (``useful_mma_flops`` of the kernel's module). 1.0: no
+  duplicated work; tcgen05 (sm_100) keeps its shape in a run-time descriptor and gets no
+  ratio.
+* ``bytes_ratio``: bytes the global loads and stores of the code move (each instruction
+  once, times the CTA's threads) over ``min_global_bytes`` of the module, the op's minimum
+  for the same loop-body-once work: > 1 means replicated or wasted accesses.
 
 Two variants of each configuration
 ----------------------------------
@@ -41,7 +60,7 @@ gathers into vector loads (rope at head_dim 128: about 60 registers instead of 2
   strides). It is only reported, so to keep the check fast (the test runs it) it is
   compiled for a representative subset: each kernel's first pointer-type combination in
   ``compile_configs()`` (rms_norm bf16, rope bf16 with fp32 tables, swiglu bf16: the ones
-  that span every block size) on the newest arch asked for (sm_90). ``--general-all``
+  that span every block size) on sm_90 (or the newest arch asked for without it). ``--general-all``
   compiles it for every configuration and arch.
 
 The table shows both variants side by side (``L/G``: launch/general; ``-``: not compiled).
@@ -73,7 +92,16 @@ KERNEL_MODULES = (
     "llama_fast.kernels.flash_attn",
     "llama_fast.kernels.flash_decode",
 )
-DEFAULT_ARCHS = (80, 90)
+ALL_ARCHS = (80, 86, 89, 90, 100, 120)
+DEFAULT_ARCHS = ALL_ARCHS
+# The memory-bound kernels (no tensor cores, no arch-specific configuration) compile for
+# sm_80 and sm_90 by default, the kernels with tensor-core tiles for every arch: that keeps
+# the check a few minutes on 2 cores. ``--all-archs`` drops the restriction.
+MODULE_ARCHS = {
+    "llama_fast.kernels.rms_norm": (80, 90),
+    "llama_fast.kernels.rope": (80, 90),
+    "llama_fast.kernels.swiglu": (80, 90),
+}
 
 # What one SM of each arch offers a kernel (CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability"): shared memory per SM and the most one block
@@ -221,10 +249,18 @@ _FAKE_INT = {1: 1, 16: 16, None: 3}
 
 def unpack_config(config: tuple) -> tuple:
     """``(fn, signature, constexprs, options, launch_hints)``: the 4th element of a config is
-    num_warps, or a dict of compile options (num_warps, num_stages); hints default to none."""
+    num_warps, or a dict of compile options (num_warps, num_stages); hints default to none.
+    An optional 6th element lists the archs the configuration is launched on
+    (``config_archs``)."""
     fn, signature, constexprs, options, *rest = config
     options = dict(options) if isinstance(options, dict) else {"num_warps": options}
     return fn, signature, constexprs, options, (rest[0] if rest else {})
+
+
+def config_archs(config: tuple) -> tuple | None:
+    """The archs whose launchers pick this configuration (arch-aware configurations, e.g.
+    attention tiles per GPU class); None: every arch."""
+    return tuple(config[5]) if len(config) > 5 else None
 
 
 def _pointer_types(signature: dict) -> tuple:
@@ -324,9 +360,11 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
         if spills:
             result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
         # Which tensor-core instructions tl.dot became: Hopper's asynchronous warpgroup MMA
-        # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync.
+        # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync, or
+        # sm_100's tcgen05.mma (tensor memory) where Triton emits it.
         ptx = compiled.asm["ptx"]
-        result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
+        result["tensor_cores"] = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+                                  else "mma" if "mma.sync" in ptx else None)
         result["load_bytes"], result["store_bytes"] = global_access_bytes(ptx)
         result.update(static_costs(fn, constexprs, signature, options["num_warps"], arch, result, ptx))
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
@@ -402,17 +440,23 @@ def fresh_compiles():
                     os.environ[key] = value
 
 
-def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False) -> list[tuple]:
+def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False, all_archs: bool = False) -> list[tuple]:
     """``(module, config index, arch, variant)`` for everything ``check`` compiles, in order:
     ``launch`` for every configuration and arch; ``general`` for every one with
     ``general_all``, else for the representative ones (``_representative``) on the newest arch."""
-    return [(m, i, arch, v) for m in modules for i in range(len(_configs(m))) for arch in archs
-            for v in ("launch", "general")
-            if v == "launch" or general_all or (arch == max(archs) and _representative(m, i))]
+    def launched(m, i, arch):
+        only = config_archs(_configs(m)[i])
+        return only is None or arch in only
+
+    general_arch = 90 if 90 in archs else max(archs)
+    module_archs = {m: [a for a in archs if all_archs or a in MODULE_ARCHS.get(m, archs)] for m in modules}
+    return [(m, i, arch, v) for m in modules for i in range(len(_configs(m))) for arch in module_archs[m]
+            if launched(m, i, arch) for v in ("launch", "general")
+            if v == "launch" or general_all or (arch == general_arch and _representative(m, i))]
 
 
 def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
-          general_all: bool = False) -> list[dict]:
+          general_all: bool = False, all_archs: bool = False) -> list[dict]:
     """Compile every configuration of ``modules`` for each arch and variant; one dict per
     task of ``tasks``, in that order. A failure's exception message is in ``"error"``."""
     from triton import knobs
@@ -425,7 +469,7 @@ def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
         # spawn: a fresh interpreter per worker, no forked LLVM/CUDA state.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(jobs or os.cpu_count() or 1, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            return pool.map(_compile_one, tasks(archs, modules, general_all), chunksize=1)
+            return pool.map(_compile_one, tasks(archs, modules, general_all, all_archs), chunksize=1)
 
 
 def _spill_cell(r: dict | None) -> str:
@@ -482,11 +526,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as a JSON list")
+    parser.add_argument("--all-archs", action="store_true",
+                        help="compile the memory-bound kernels for every arch too (see MODULE_ARCHS)")
     parser.add_argument("--general-all", action="store_true",
                         help="compile the general variant of every configuration, not just one dtype per kernel")
     args = parser.parse_args(argv)
     try:
-        results = check(args.arch, args.jobs, general_all=args.general_all)
+        results = check(args.arch, args.jobs, general_all=args.general_all, all_archs=args.all_archs)
     except InterpreterEnabledError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 2
