@@ -93,7 +93,14 @@ def _rms_norm_bwd_kernel(
 ELEMENTS_PER_PROGRAM = 4096
 VALUES_PER_THREAD = 16
 MAX_WARPS = 32
-BWD_PROGRAMS_PER_SM = 4  # persistent backward: enough resident programs to hide latency
+# Persistent backward: as many programs per SM as stay resident. The compile check shows 2
+# at Llama hidden sizes 1024-4096 on sm_80 and sm_90 (8 warps, 99-127 registers: 2 x 8 x
+# 32 x 128 fills the register file) and 1 from 8192 (16-32 warps). It was 4: the second
+# pair of programs per SM only started when the first finished its rows (the same total
+# time), and each program adds one float32 dW partial row to write and reduce (at 8192
+# tokens x 4096, 132 SMs: 528 rows, 8.7 MB written and read back, 8 % of the op's 204 MB;
+# now 4 %). Fusing that reduction into the kernel is the next step.
+BWD_PROGRAMS_PER_SM = 2
 
 
 def launch_config(n: int) -> dict:
@@ -145,6 +152,23 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
             rows_per_program, HAS_DH=dh is not None, **cfg,
         )
     return dx.view(shape), dw_partial.sum(0).to(weight.dtype)
+
+
+def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None:
+    """Why a launch configuration keeps fewer than 2 blocks per SM (the compile check's
+    occupancy test asks), or None."""
+    n = constexprs["BLOCK_N"]
+    if n >= 8192:
+        # One row per program held in registers over 16-32 warps (512-1024 threads): a block
+        # is a quarter to half of an SM's threads, so one resident block still runs 16-32
+        # warps. Known gap (sm_90, 8192 backward: 122 registers x 512 threads = 1 block, 16
+        # warps): a persistent kernel that prefetches the next row would hide more latency.
+        return "one wide row per program on 16-32 warps"
+    if kernel == "_rms_norm_bwd_kernel" and n <= 8:
+        # Hidden sizes of 8 or fewer (not a Llama shape): 512-1024 rows per step and their
+        # per-row reductions hold 229-255 registers per thread.
+        return "tiny hidden size: 512-1024 rows per step in registers"
+    return None
 
 
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
