@@ -25,9 +25,9 @@ Design
   to float32. Under the Triton interpreter (CPU tests) bf16 dots are wrong, so operands are
   upcast there (UPCAST).
 - Block sizes, warps and stages come from the head dim, the GPU class (``gpu_class``:
-  hopper sm_90, blackwell sm_100, ampere sm_80, consumer sm_86/89/120, from the device's capability and
-  shared-memory opt-in limit) and varlen (see ``forward_config`` / ``backward_configs``),
-  never from sequence lengths, so nothing re-specialises per length.
+  hopper sm_90, blackwell sm_100, ampere sm_80, consumer sm_86/89/120, from the device's
+  capability and shared-memory opt-in limit) and varlen (see ``forward_config`` /
+  ``backward_configs``), never from sequence lengths, so nothing re-specialises per length.
 
 Compiled evidence (Triton 3.6, ``python -m llama_fast.compile_check``; bf16, sm_90 unless
 named; work = MMA FLOPs issued per loop iteration / useful GEMM FLOPs, 1.0 = no duplicate)
@@ -39,7 +39,8 @@ named; work = MMA FLOPs issued per loop iteration / useful GEMM FLOPs, 1.0 = no 
   diagonal blocks and the ragged last block share one loop; ``_bwd_dkdv_inner``'s gap)
   alone cut the spills to 20/20, 12/12, 12/12. Now: 16 queries x 128 keys, 8 warps,
   1 stage: each warpgroup owns 64 keys, work 1.00, 233/222/241 registers, no spills,
-  73728 B shared, 1 block/SM (sm_80: 8/4 bytes causal). Rejected: 32 x 128 keys with 2
+  73728 B shared, 1 block/SM (the mma.sync archs sm_80/86/89/120 spill 8-16 bytes
+  causal or varlen, 0 non-causal; sm_100 none). Rejected: 32 x 128 keys with 2
   stages (work 1.00, spills 84/28/120) or 1 stage (36/0/32); 64 keys on 4 warps (work
   1.00, spills 372+). The 16-query tile issues m64n16 wgmma that re-read K and V from
   shared memory per 16 queries; bench/tune.py lists 32 x 128 to measure against it on a
@@ -51,8 +52,8 @@ named; work = MMA FLOPs issued per loop iteration / useful GEMM FLOPs, 1.0 = no 
   and scaled once per row, each score costs one FFMA in the exp2 argument (``_fwd_inner``;
   needs scale > 0, which the launcher checks). 128 x 128, 2 stages: 163840 B, before the
   fold 255 registers and 12/12 bytes spilled (causal), after it 255 and none, so sm_90
-  and sm_100 use it; varlen still spills 16/16 at 128 keys and keeps 128 x 64 (180
-  registers). Consumer parts (99 KiB): 128 x 64 with 3 stages needs 131072 B and would
+  uses it; varlen still spills 16/16 at 128 keys and keeps 128 x 64 (180 registers), and
+  so does sm_100 (128 x 128 spills 4/4 there). Consumer parts (99 KiB): 128 x 64 with 3 stages needs 131072 B and would
   not launch; with 2 stages it spills 32/96 bytes on sm_86; 128 x 32 with 2 stages: 49152
   B, 196 registers, no spills.
 - dQ on Hopper: 64 x 32 keys, 3 stages (81920 B, 156 registers, 2 blocks/SM by shared

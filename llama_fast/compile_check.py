@@ -440,10 +440,14 @@ def fresh_compiles():
                     os.environ[key] = value
 
 
-def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False, all_archs: bool = False) -> list[tuple]:
+def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False,
+          all_archs: bool = False) -> list[tuple]:
     """``(module, config index, arch, variant)`` for everything ``check`` compiles, in order:
-    ``launch`` for every configuration and arch; ``general`` for every one with
-    ``general_all``, else for the representative ones (``_representative``) on the newest arch."""
+    ``launch`` for every configuration on each arch that launches it (``config_archs``;
+    memory-bound modules only on their ``MODULE_ARCHS`` unless ``all_archs``); ``general``
+    for every one with ``general_all``, else for the representative ones
+    (``_representative``) on sm_90 (or the newest arch asked for without it)."""
+
     def launched(m, i, arch):
         only = config_archs(_configs(m)[i])
         return only is None or arch in only
