@@ -22,6 +22,9 @@ import pytest
 from llama_fast.compile_check import ALL_ARCHS, ARCH_LIMITS, KERNEL_MODULES, tasks, unpack_config
 
 ARCHS = ALL_ARCHS
+# The module fixture compiles everything once (about 4 minutes of 2 CPU cores; more on a
+# loaded machine), inside the first test's setup: past the suite's default timeout.
+pytestmark = pytest.mark.timeout(2400)
 
 # Configurations whose launch variant spills today (Triton 3.6's ptxas) although the
 # policy (test_no_register_spills) wants it clean, each matched by kernel, arch (None: any),
@@ -80,7 +83,7 @@ def compile_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check") / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "llama_fast.compile_check", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=2400)
     print(proc.stdout)  # the table: shown with -s, or with a failure
     print(proc.stderr, file=sys.stderr)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
