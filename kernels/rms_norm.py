@@ -110,6 +110,25 @@ def launch_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
 
 
+# The backward holds more per value (h, dy, the weight and the dW accumulator in float32)
+# than the forward: at 16 values per thread ptxas needs 99-127 registers at hidden 2048-8192
+# (sm_80/sm_90), so 16 warps stay resident per SM (2 blocks of 8 at 4096, 1 of 16 at 8192).
+# From BWD_WIDE_FROM up it takes half the values per thread (twice the warps, up to
+# MAX_WARPS): bf16 4096 on 16 warps holds 64 registers with no spills, 2 blocks = 32
+# resident warps (fp16 with dh: 79-85 registers, 1 block, 16 warps as before); 8192 on 32
+# warps, 64 registers, 32 warps. Each thread still moves 16 bytes per access. 2048 stays at
+# 8 warps: on 16 it keeps 16 resident warps either way and spills 8/4 bytes on sm_80.
+BWD_VALUES_PER_THREAD = 8
+BWD_WIDE_FROM = 4096
+
+
+def bwd_launch_config(n: int) -> dict:
+    cfg = launch_config(n)
+    if cfg["BLOCK_N"] >= BWD_WIDE_FROM:
+        cfg["num_warps"] = max(1, min(MAX_WARPS, cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * BWD_VALUES_PER_THREAD)))
+    return cfg
+
+
 def rms_norm_fwd(x, residual, weight, eps):
     """Registry entry "rms_norm_fwd" (see ``llama_fast.reference.rms_norm_fwd``)."""
     shape, n = x.shape, x.shape[-1]
@@ -134,7 +153,7 @@ def rms_norm_fwd(x, residual, weight, eps):
 def rms_norm_bwd(dy, dh, h, weight, eps):
     """Registry entry "rms_norm_bwd" (see ``llama_fast.reference.rms_norm_bwd``)."""
     shape, n = h.shape, h.shape[-1]
-    cfg = launch_config(n)
+    cfg = bwd_launch_config(n)
     h2, dy2 = as_rows(h, cfg["BLOCK_M"]), as_rows(dy, cfg["BLOCK_M"])
     dh2 = as_rows(dh, cfg["BLOCK_M"]) if dh is not None else None
     m = h2.shape[0]
@@ -158,6 +177,10 @@ def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None
     """Why a launch configuration keeps fewer than 2 blocks per SM (the compile check's
     occupancy test asks), or None."""
     n = constexprs["BLOCK_N"]
+    if kernel == "_rms_norm_bwd_kernel" and n == BWD_WIDE_FROM:
+        # 16 warps: 64 registers in bf16 (2 blocks); fp16 with dh takes 79-85, so 1 block
+        # of 16 warps, as many resident warps as the 2 blocks of 8 it replaced.
+        return "16-warp row: 1 block is 16 resident warps"
     if n >= 8192:
         # One row per program held in registers over 16-32 warps (512-1024 threads): a block
         # is a quarter to half of an SM's threads, so one resident block still runs 16-32
@@ -198,6 +221,7 @@ def compile_configs():
     for block_n in [2**i for i in range(2, 17)]:
         cfg = launch_config(block_n)
         warps = cfg.pop("num_warps")
+        bwd_warps = bwd_launch_config(block_n)["num_warps"]
         n16 = 16 if block_n >= 16 else None
         hints = {"M": 16, "rows_per_program": 16 if cfg["BLOCK_M"] % 16 == 0 else None, **dict.fromkeys(
             ["N", "stride_x", "stride_r", "stride_y", "stride_h", "stride_dy", "stride_dh", "stride_dx"], n16)}
@@ -216,5 +240,5 @@ def compile_configs():
                     "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_dh": "i32",
                     "stride_h": "i32", "stride_dx": "i32", "eps": "fp32", "rows_per_program": "i32",
                 }
-                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), warps,
+                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), bwd_warps,
                        {k: v for k, v in hints.items() if k in sig and v})
