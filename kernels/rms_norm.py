@@ -94,8 +94,8 @@ ELEMENTS_PER_PROGRAM = 4096
 VALUES_PER_THREAD = 16
 MAX_WARPS = 32
 # Persistent backward: as many programs per SM as stay resident. The compile check shows 2
-# at Llama hidden sizes 1024-4096 on sm_80 and sm_90 (8 warps, 99-127 registers: 2 x 8 x
-# 32 x 128 fills the register file) and 1 from 8192 (16-32 warps). It was 4: the second
+# at Llama hidden sizes 1024-4096 on sm_80 and sm_90 (2048: 8 warps at 99-127 registers;
+# 4096: 16 warps at 64, see bwd_launch_config) and 1 from 8192 (32 warps). It was 4: the second
 # pair of programs per SM only started when the first finished its rows (the same total
 # time), and each program adds one float32 dW partial row to write and reduce (at 8192
 # tokens x 4096, 132 SMs: 528 rows, 8.7 MB written and read back, 8 % of the op's 204 MB;
