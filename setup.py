@@ -21,8 +21,10 @@ time.
 
 Settings (environment variables)
   LLAMA_FAST_NO_CUDA=1        skip the extension
-  LLAMA_FAST_CUDA_ARCHS       ";"-separated compute capabilities, default "80;90"; PTX for
-                              the newest is embedded too, so later GPUs JIT-compile it
+  LLAMA_FAST_CUDA_ARCHS       ";"-separated compute capabilities, default "80;90;90a"
+                              (sm_90a: the arch-specific Hopper target that wgmma/TMA code
+                              needs); PTX for the newest plain arch is embedded too, so
+                              later GPUs JIT-compile it
   LLAMA_FAST_WERROR=1         warnings in our sources are errors (CI sets it)
   LLAMA_FAST_BUILD_JOBS       parallel compile jobs (ninja -j; default: ninja's)
 
@@ -56,11 +58,18 @@ def find_nvcc() -> str | None:
 
 
 def cuda_archs() -> list[str]:
-    raw = os.environ.get("LLAMA_FAST_CUDA_ARCHS", "80;90")
+    raw = os.environ.get("LLAMA_FAST_CUDA_ARCHS", "80;90;90a")
     archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
-    if not archs or not all(a.isdigit() for a in archs):
-        raise SystemExit(f"LLAMA_FAST_CUDA_ARCHS must list compute capabilities such as '80;90', got {raw!r}")
-    return sorted(set(archs), key=int)
+    if not archs or not all(re.fullmatch(r"\d+a?", a) for a in archs):
+        raise SystemExit(f"LLAMA_FAST_CUDA_ARCHS must list compute capabilities such as '80;90;90a', got {raw!r}")
+    return sorted(set(archs), key=lambda a: (int(a.rstrip("a")), a))
+
+
+def ptx_arch(archs: list[str]) -> str:
+    """The arch whose PTX is embedded for later GPUs to JIT-compile: the newest plain one
+    (arch-specific "a" targets such as sm_90a run on that arch only, their PTX too)."""
+    plain = [a for a in archs if not a.endswith("a")]
+    return plain[-1] if plain else archs[-1].rstrip("a")
 
 
 def nvcc_version(nvcc: str) -> str:
@@ -130,7 +139,7 @@ class BuildCudaExtension(build_ext):
         warn = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
         includes = ["-I" + str(CSRC), "-isystem", pybind11.get_include(), "-isystem", sysconfig.get_paths()["include"]]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        gencode.append(f"-gencode=arch=compute_{ptx_arch(archs)},code=compute_{ptx_arch(archs)}")
         nvcc_flags = ["-std=c++17", "-O3", "-I" + str(CSRC), "-Xcompiler", ",".join(["-fPIC", "-fvisibility=hidden"] + warn),
                       "--resource-usage", *gencode] + (["-Werror", "all-warnings"] if werror else [])
         defines = [f'-DLLAMA_FAST_CUDA_ARCHS="{";".join(archs)}"', f'-DLLAMA_FAST_NVCC_VERSION="{nvcc_version(nvcc)}"']

@@ -40,11 +40,11 @@ import torch
 # first, as the baseline. Pruned with --compile-only 90: no candidate spills heavily there.
 CANDIDATE_TABLE: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 64): [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)],
-    ("fwd", 128): [(128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],  # 128x64x3: the old default
     ("dkdv", 64): [(64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2), (32, 64, 8, 2)],
     ("dkdv", 128): [(16, 64, 8, 2), (32, 64, 8, 1), (16, 128, 8, 2), (32, 32, 4, 2), (32, 128, 8, 2)],
     ("dq", 64): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
-    ("dq", 128): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    ("dq", 128): [(64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)],  # 64x32x3: the old default
     # flash_decode's split kernel; BLOCK_M stays the launcher's (16 rows: GQA 4 x 1 token)
     ("decode", 64): [(16, 64, 4, 2), (16, 256, 4, 2), (16, 128, 4, 3), (16, 128, 8, 2)],
     ("decode", 128): [(16, 32, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 2)],
@@ -90,11 +90,11 @@ def override(role: str, cfg: dict):
     fa, fd = _flash_attn_module(), _flash_decode_module()
     saved = fa.forward_config, fa.backward_configs, fd.launch_config
 
-    def forward_config(head_dim, dtype=torch.bfloat16):
-        return dict(cfg) if role == "fwd" and dtype != torch.float32 else saved[0](head_dim, dtype)
+    def forward_config(head_dim, dtype=torch.bfloat16, *args, **kwargs):
+        return dict(cfg) if role == "fwd" and dtype != torch.float32 else saved[0](head_dim, dtype, *args, **kwargs)
 
-    def backward_configs(head_dim, dtype=torch.bfloat16):
-        dkdv, dq = saved[1](head_dim, dtype)
+    def backward_configs(head_dim, dtype=torch.bfloat16, *args, **kwargs):
+        dkdv, dq = saved[1](head_dim, dtype, *args, **kwargs)
         if dtype == torch.float32:
             return dkdv, dq
         return (dict(cfg), dq) if role == "dkdv" else (dkdv, dict(cfg)) if role == "dq" else (dkdv, dq)

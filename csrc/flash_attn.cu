@@ -5,6 +5,9 @@
 // _attn_fwd_kernel in kernels/flash_attn.py, whose numerics this follows step by step:
 //   s = (q . k) * scale * log2(e)            float32 (mma accumulator), then masked to -inf
 //   m = running row max of s, p = exp2(s - m) float32; the row sum l adds the float32 p
+//   (computed as m = max(m, max(q . k) * c) and p = ex2.approx.ftz(fma(q . k, c, -m)),
+//   c = scale * log2(e) > 0: one FFMA and one MUFU.EX2 per score, no FMUL, no exp2f
+//   denormal fix-ups; p below 2^-126 becomes 0)
 //   acc = acc * exp2(m_old - m) + p(rounded to the dtype) @ v     float32 accumulation
 //   out = acc / l rounded to the dtype;  lse = (m + log2(l)) / log2(e)  (natural log)
 // Rows that see no key keep m = -inf and l = 0: out = 0, lse = -inf.
@@ -305,17 +308,11 @@ __device__ __forceinline__ void attn_fwd_block(const FwdParams& p, const SeqView
         }
       }
 
-      // Scale into the log2 domain; mask keys past the end and, causally, past the diagonal
-      // (only on the blocks where either can happen for this warp's rows).
+      // Mask keys past the end and, causally, past the diagonal (only on the blocks where
+      // either can happen for this warp's rows). The scores stay unscaled: the scale
+      // (> 0, the launcher checks) enters the row max once per row and each score through
+      // the one FFMA of its exponent below.
       const bool need_mask = n0 + kBlockN > k_len || (CAUSAL && n0 + kBlockN - 1 > warp_row0 + diff);
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) score[mt][t][e] *= p.qk_scale;
-        }
-      }
       if (need_mask) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
@@ -349,15 +346,15 @@ __device__ __forceinline__ void attn_fwd_block(const FwdParams& p, const SeqView
           }
           block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
           block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-          const float new_max = fmaxf(row_max[mt][r], block_max);
+          const float new_max = fmaxf(row_max[mt][r], block_max * p.qk_scale);
           const float ref = new_max == -INFINITY ? 0.0f : new_max;  // nothing visible yet: p = 0, not NaN
-          const float alpha = exp2f(row_max[mt][r] - ref);
+          const float alpha = ptx::ex2_ftz(row_max[mt][r] - ref);
           row_max[mt][r] = new_max;
           float sum = 0.0f;
 #pragma unroll
           for (int t = 0; t < kNTiles; ++t) {
-            score[mt][t][2 * r] = exp2f(score[mt][t][2 * r] - ref);
-            score[mt][t][2 * r + 1] = exp2f(score[mt][t][2 * r + 1] - ref);
+            score[mt][t][2 * r] = ptx::ex2_ftz(fmaf(score[mt][t][2 * r], p.qk_scale, -ref));
+            score[mt][t][2 * r + 1] = ptx::ex2_ftz(fmaf(score[mt][t][2 * r + 1], p.qk_scale, -ref));
             sum += score[mt][t][2 * r] + score[mt][t][2 * r + 1];
           }
           row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
@@ -526,6 +523,8 @@ void attn_fwd(const AttnFwdArgs& a, const Launch& at) {
   constexpr int64_t kMaxLen = std::numeric_limits<int32_t>::max() - 2 * kBlockM;
   if (a.seq_q > kMaxLen || a.seq_k > kMaxLen) fail(kAttnFwdName, "sequence longer than 2^31 - 257 rows");
   if (a.batch * a.q_heads > std::numeric_limits<int32_t>::max()) fail(kAttnFwdName, "batch x q_heads exceeds 2^31 - 1");
+  // The row max is taken on unscaled scores, which needs a positive scale.
+  if (!(a.scale > 0.0f)) fail(kAttnFwdName, "softmax scale must be positive, got " + std::to_string(a.scale));
 
   FwdParams p{};
   p.q = a.q;

@@ -1,5 +1,5 @@
 // The inline PTX of the kernels, one function per instruction form: cp.async (global ->
-// shared, with zero fill), ldmatrix, mma.sync m16n8k16 and a 16-byte global store. Shared
+// shared, with zero fill), ldmatrix, mma.sync m16n8k16, a 16-byte global store and ex2. Shared
 // memory is addressed by 32-bit shared-window addresses (smem_addr), as the instructions
 // take them.
 //
@@ -284,6 +284,23 @@ __device__ __forceinline__ void st_global_16(void* ptr, const uint4& v) {
 #else
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// 2^x on the SFU with denormals flushed to zero: ex2.approx.ftz.f32 is one MUFU.EX2, where
+// exp2f adds a range check and two scaling FMULs around it so that results below 2^-126
+// come out as denormals. The softmax never needs those: its arguments are <= 0 and a
+// probability below 2^-126 is 0 to the precision of a 16-bit P (FlashAttention-2 does the
+// same). The emulator computes exp2f and flushes a denormal result to 0.
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef LLAMA_FAST_EMULATE
+  const float y = exp2f(x);
+  return y < 1.17549435e-38f ? 0.0f : y;  // FLT_MIN: flush denormals (y >= 0)
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 #endif
 }
 

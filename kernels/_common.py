@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels and their launchers."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -46,6 +47,23 @@ def row_stride(t2d: torch.Tensor) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+DeviceLimits = collections.namedtuple("DeviceLimits", "arch smem_optin sm_count")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> DeviceLimits:
+    p = torch.cuda.get_device_properties(index)
+    return DeviceLimits(p.major * 10 + p.minor, p.shared_memory_per_block_optin, p.multi_processor_count)
+
+
+def device_limits(device: torch.device) -> DeviceLimits | None:
+    """Compute capability (as 90 for 9.0), the shared memory one block may opt in to, and
+    the SM count of a CUDA device (read once per device); None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def persistent_programs(device: torch.device, work_items: int, per_sm: int) -> int:

@@ -138,7 +138,7 @@ def compile_configs():
     """Every launch configuration: BLOCK_V takes each power of two up to MAX_BLOCK_V (the
     vocabularies that fit one tile; every wider one uses MAX_BLOCK_V), the three logits
     dtypes at MAX_BLOCK_V, and every flag combination there. launch_hints (see
-    llama_fast.compile_check): for Llama-3's V = 128256 the row stride is a multiple of 16
+    llama_fast.tools.compile_check): for Llama-3's V = 128256 the row stride is a multiple of 16
     and V itself is too."""
     for block_v in [2**i for i in range(4, 13)]:
         cfg = launch_config(block_v)

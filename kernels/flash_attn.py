@@ -24,8 +24,42 @@ Design
   float32 accumulation; float32 inputs use IEEE float32 dots (not tf32), slower but exact
   to float32. Under the Triton interpreter (CPU tests) bf16 dots are wrong, so operands are
   upcast there (UPCAST).
-- Block sizes, warps and stages come from the head dim (see ``forward_config`` /
-  ``backward_config``), not from sequence lengths, so nothing re-specialises per length.
+- Block sizes, warps and stages come from the head dim, the GPU class (``gpu_class``:
+  hopper sm_90, blackwell sm_100, ampere sm_80, consumer sm_86/89/120, from the device's
+  capability and shared-memory opt-in limit) and varlen (see ``forward_config`` /
+  ``backward_configs``), never from sequence lengths, so nothing re-specialises per length.
+
+Compiled evidence (Triton 3.6, ``python -m llama_fast.tools.compile_check``; bf16, sm_90 unless
+named; work = MMA FLOPs issued per loop iteration / useful GEMM FLOPs, 1.0 = no duplicate)
+- dK/dV at head dim 128. Before: 32 queries x 64 keys, 8 warps, 2 stages. S^T = K Q^T and
+  dP^T = V dO^T have only 64 rows, so Triton laid them out warpsPerCTA [8, 1] and the
+  second warpgroup repeated the first's: per loop body 32 wgmma m64n16k16 + 4 m64n64k16
+  per warpgroup, work 1.50; 255 registers, spills 52/60 bytes (causal), 0 (non-causal),
+  196/196 (varlen); 65792 B shared, 1 block/SM. Merging the two masked query loops (the
+  diagonal blocks and the ragged last block share one loop; ``_bwd_dkdv_inner``'s gap)
+  alone cut the spills to 20/20, 12/12, 12/12. Now: 16 queries x 128 keys, 8 warps,
+  1 stage: each warpgroup owns 64 keys, work 1.00, 233/222/241 registers, no spills,
+  73728 B shared, 1 block/SM (the mma.sync archs sm_80/86/89/120 spill 8-16 bytes
+  causal or varlen, 0 non-causal; sm_100 none). Rejected: 32 x 128 keys with 2
+  stages (work 1.00, spills 84/28/120) or 1 stage (36/0/32); 64 keys on 4 warps (work
+  1.00, spills 372+). The 16-query tile issues m64n16 wgmma that re-read K and V from
+  shared memory per 16 queries; bench/tune.py lists 32 x 128 to measure against it on a
+  GPU. Head dim 64 keeps 32 x 128 keys, 8 warps, 2 stages: work 1.00, no spills on sm_90.
+  Pre-scaling K was not needed: exp2(st * qk_scale - lse) already compiles to one FFMA
+  per score.
+- Forward on Hopper, head dim 128: was 128 x 64, 8 warps, 3 stages (131072 B shared, 190
+  registers, 1 block/SM). The scale is now folded: the row max is taken on raw scores
+  and scaled once per row, each score costs one FFMA in the exp2 argument (``_fwd_inner``;
+  needs scale > 0, which the launcher checks). 128 x 128, 2 stages: 163840 B, before the
+  fold 255 registers and 12/12 bytes spilled (causal), after it 255 and none, so sm_90
+  uses it; varlen still spills 16/16 at 128 keys and keeps 128 x 64 (180 registers), and
+  so does sm_100 (128 x 128 spills 4/4 there). Consumer parts (99 KiB): 128 x 64 with 3 stages needs 131072 B and would
+  not launch; with 2 stages it spills 32/96 bytes on sm_86; 128 x 32 with 2 stages: 49152
+  B, 196 registers, no spills.
+- dQ on Hopper: 64 x 32 keys, 3 stages (81920 B, 156 registers, 2 blocks/SM by shared
+  memory) -> 64 x 64 keys, 2 stages: 98304 B, 230 registers, no spills, still 2 blocks/SM,
+  half the loop iterations (3 stages would be 131072 B and 1 block/SM). sm_80/86 keep
+  64 x 32: 64 keys spill 16-24 bytes there.
 """
 from __future__ import annotations
 
@@ -38,7 +72,7 @@ import triton.language as tl
 
 from llama_fast import _alloc
 
-from ._common import device_guard, interpreter_on, load_rows, next_pow2
+from ._common import device_guard, device_limits, interpreter_on, load_rows, next_pow2
 
 LOG2E = math.log2(math.e)
 
@@ -106,15 +140,17 @@ def _fwd_inner(
         v = load_rows(V, start_n, stride_vn, local_n, offs_d, d_ok, key_ok, False, MASKED, HEAD_DIM == BLOCK_D)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        # Raw scores; the scale (> 0, with log2(e) folded in) enters the row max once per
+        # row and every score through one FFMA inside the exp2 argument.
+        s = tl.dot(q, kt, input_precision=PRECISION)
         if MASKED:
             visible = offs_n[None, :] < k_len
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + diff)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         if UPCAST:
@@ -212,15 +248,18 @@ def _load_row_stats(LSE, DELTA, offs_m, q_len):
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, offs_n, offs_d, lo, hi, q_len, diff, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, offs_n, offs_d, lo, hi, gap_at, gap, q_len, diff,
+    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate one query head's contribution to dK, dV of a key block (transposed
-    formulation: scores as (keys, queries) so the accumulators stay row-major)."""
+    formulation: scores as (keys, queries) so the accumulators stay row-major). Query
+    blocks lo, lo + BLOCK_M, ... < hi, each from ``gap_at`` on moved ``gap`` rows on: one
+    masked loop covers both the diagonal blocks and the ragged last block."""
     local_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
+    for virtual_m in range(lo, hi, BLOCK_M):
+        start_m = tl.where(virtual_m >= gap_at, virtual_m + gap, virtual_m)
         offs_m = start_m + local_m
         query_ok = offs_m < q_len
         qt = load_rows(Q, start_m, stride_qs, local_m, offs_d, d_ok, query_ok, True, MASKED, HEAD_DIM == BLOCK_D)
@@ -287,15 +326,13 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
         stats = b64 * stride_lb + h * stride_lh + q_start
+        # Masked: [lo, full) (the diagonal) then [full_end, q_ceil) (the ragged end).
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
-                                 offs_n, offs_d, lo, full, q_len, diff, qk_scale,
-                                 True, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
+                                 offs_n, offs_d, lo, full + (q_ceil - full_end), full, full_end - full, q_len, diff,
+                                 qk_scale, True, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
-                                 offs_n, offs_d, full, q_floor, q_len, diff, qk_scale,
+                                 offs_n, offs_d, full, q_floor, q_floor, 0, q_len, diff, qk_scale,
                                  False, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qs, stride_dos,
-                                 offs_n, offs_d, full_end, q_ceil, q_len, diff, qk_scale,
-                                 True, CAUSAL, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, PRECISION)
 
     dk *= scale
     tl.store(DK + b64 * stride_dkb + key_row0 * stride_dks + kv_h * stride_dkh + (local_n[:, None] * stride_dks + offs_d[None, :]),
@@ -371,12 +408,10 @@ def _attn_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launch configuration, chosen by head dim only, from the compile check's register and
-# spill report (Triton 3.6, sm_80 and sm_90): forward tiles of 128 queries x 64 keys with 8
-# warps hold the float32 accumulator without spilling at head dims 64 and 128. The dK/dV
-# program holds two (keys x D) float32 accumulators plus K and V, the most register-hungry
-# of the three; at D = 128 it still spills a little on sm_90 (see the compile check):
-# the first thing to tune on a GPU. Head dim 256 needs small tiles to fit at all.
+# Launch configuration, from the compile check's register, spill, shared-memory and work
+# report per arch (see the design notes above). The dK/dV program holds two (keys x D)
+# float32 accumulators, the most register-hungry of the three. Head dim 256 needs small
+# tiles to fit at all.
 
 
 def _block_d(head_dim: int) -> int:
@@ -390,29 +425,68 @@ FLOAT32_BACKWARD = ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages":
                     {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1})
 
 
-def forward_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+# GPU classes, by what an SM offers (llama_fast.tools.compile_check.ARCH_LIMITS has the numbers):
+# "hopper": sm_90, 227 KiB of shared memory per block, wgmma; "blackwell": sm_100, 227
+# KiB, tcgen05; "ampere": sm_80 (A100, also sm_87), 163 KiB, mma.sync; "consumer": sm_86,
+# sm_89 and sm_120 (A10, L4, L40S, RTX 30/40/50), 99 KiB and 48 warps per SM, mma.sync.
+# The launchers pick the class from the device's compute capability and shared-memory
+# opt-in limit; off CUDA (the interpreter) they run the hopper tiles, so the CPU tests
+# prove the flagship configuration.
+GPU_CLASS_ARCHS = {"hopper": (90,), "blackwell": (100,), "ampere": (80,), "consumer": (86, 89, 120)}
+
+
+def gpu_class(limits) -> str:
+    """The configuration class of a device (``kernels._common.device_limits``); a GPU too
+    small for even the consumer tiles is not one Llama-3 attention targets (every sm_80+
+    part has at least 99 KiB)."""
+    if limits is None or (limits.arch >= 90 and limits.smem_optin >= 200 * 1024):
+        return "hopper" if limits is None or limits.arch < 100 else "blackwell"
+    return "ampere" if limits.smem_optin >= 160 * 1024 else "consumer"
+
+
+def forward_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, varlen: bool = False,
+                   gpu: str = "hopper") -> dict:
+    """Forward tile. Hopper at head dim 128: 128 x 128 with 2 stages (160 KiB, as the
+    Triton tutorial's Hopper configurations); varlen keeps 128 x 64 (its 128-key tile
+    spills 16 bytes on sm_90), so does sm_100 (128 x 128 spills 4 bytes there; 128 x 64:
+    232 registers, none). Consumer parts at 128: 128 x 32 with 2 stages (48 KiB; 128 x 64
+    with 3 stages needs 128 KiB > 99 KiB, with 2 it spills 32/96 bytes on sm_86)."""
     if dtype == torch.float32:
         return dict(FLOAT32_FORWARD)
-    if _block_d(head_dim) <= 128:
+    block_d = _block_d(head_dim)
+    if block_d <= 128:
+        if block_d == 128 and gpu == "hopper" and not varlen:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        if block_d == 128 and gpu == "consumer":
+            return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def backward_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[dict, dict]:
-    """(dK/dV config, dQ config); BLOCK_M counts queries, BLOCK_N keys."""
+def backward_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, varlen: bool = False,
+                     gpu: str = "hopper") -> tuple[dict, dict]:
+    """(dK/dV config, dQ config); BLOCK_M counts queries, BLOCK_N keys. dK/dV takes 128 keys
+    on 8 warps at head dims 64 and 128: each warpgroup owns 64 key rows, so no warpgroup
+    repeats another's MMAs (see the design notes). dQ on sm_90/100: 64 keys, 2 stages."""
     if dtype == torch.float32:
         return tuple(dict(c) for c in FLOAT32_BACKWARD)
     block_d = _block_d(head_dim)
-    dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+    if gpu in ("hopper", "blackwell"):
+        dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    else:
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     if block_d <= 64:
         return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}, dq
     if block_d <= 128:
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}, dq
+        return {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1}, dq
     return ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1},
             {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
 
 
 PREPROCESS_BLOCK_M = 64
+# 8 warps: with 4, sm_100's ptxas holds the 64 x D tiles in 48 registers and spills 36
+# bytes (D=128 varlen) to 68 (D=256); with 8, 44 registers and no spills.
+PREPROCESS_WARPS = 8
 
 
 def _common_constexprs(q: torch.Tensor, causal: bool, varlen: bool) -> dict:
@@ -466,7 +540,9 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     lse = p.empty_stats(q)
     if p.batch * p.q_heads * p.seq_q == 0 or q.numel() == 0:
         return out, lse
-    cfg = forward_config(q.shape[-1], q.dtype)
+    if not scale > 0:
+        raise ValueError(f"softmax scale must be positive, got {scale}")  # the row max is taken before scaling
+    cfg = forward_config(q.shape[-1], q.dtype, p.varlen, gpu_class(device_limits(q.device)))
     grid = (p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"]))
     with device_guard(q.device):
         _attn_fwd_kernel[grid](
@@ -488,7 +564,7 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = p.empty_stats(q)
     consts = _common_constexprs(q, causal, p.varlen)
-    cfg_kv, cfg_q = backward_configs(q.shape[-1], q.dtype)
+    cfg_kv, cfg_q = backward_configs(q.shape[-1], q.dtype, p.varlen, gpu_class(device_limits(q.device)))
     lse_strides = p.stats_strides(lse)
     assert lse_strides == p.stats_strides(delta), "lse must be laid out as the forward wrote it"
     with device_guard(q.device):
@@ -496,6 +572,7 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
             _attn_bwd_preprocess_kernel[(p.batch * p.q_heads, triton.cdiv(p.seq_q, PREPROCESS_BLOCK_M))](
                 o, do, delta, p.cu_q, *p.strides(o), *p.strides(do), *lse_strides, p.q_heads, p.seq_q,
                 IS_VARLEN=p.varlen, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M,
+                num_warps=PREPROCESS_WARPS,
             )
         args = (*p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do))
         _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(max(p.seq_k, 1), cfg_kv["BLOCK_N"]))](
@@ -529,6 +606,15 @@ def attn_varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale
     return _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
+def useful_mma_flops(kernel: str, constexprs: dict) -> int | None:
+    """The GEMM FLOPs one iteration of a kernel's dot loop needs (whole CTA), for the
+    compile check's work ratio: forward S = QK^T and O += PV; dK/dV S^T, dV, dP^T and dK;
+    dQ S, dP and dQ. Each is 2 x (query rows) x (keys) x head dim."""
+    per_gemm = 2 * constexprs.get("BLOCK_M", 0) * constexprs.get("BLOCK_N", 0) * constexprs.get("HEAD_DIM", 0)
+    gemms = {"_attn_fwd_kernel": 2, "_attn_bwd_dkdv_kernel": 4, "_attn_bwd_dq_kernel": 3}.get(kernel)
+    return gemms * per_gemm if gemms else None
+
+
 def compile_configs():
     """The configurations the launchers use: head dims 64 and 128 in bf16, causal or not,
     fixed-length and varlen; float16 and float32 at 128; 256 (the smallest tiles)."""
@@ -536,39 +622,45 @@ def compile_configs():
                (_attn_bwd_dkdv_kernel, "dkdv"), (_attn_bwd_dq_kernel, "dq")]
     cases = [(d, "bf16", causal, varlen) for d in (64, 128) for causal, varlen in ((True, False), (False, False), (True, True))]
     cases += [(128, "fp16", True, False), (128, "fp32", True, False), (256, "bf16", True, False)]
+    # One entry per distinct configuration, with the archs of every GPU class that uses it.
+    seen: dict = {}
     for head_dim, dtype, causal, varlen in cases:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        dkdv, dq = backward_configs(head_dim, torch_dtype)
-        fwd = forward_config(head_dim, torch_dtype)
-        block = {"fwd": fwd, "dkdv": dkdv, "dq": dq, "pre": {"BLOCK_M": PREPROCESS_BLOCK_M, "num_warps": 4}}
-        for kernel, role in kernels:
-            if role == "pre" and not causal:
-                continue  # the preprocess does not depend on the mask
-            cfg = dict(block[role])
-            options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 3)}
-            constexprs = {"IS_VARLEN": varlen, "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), **cfg}
-            if role != "pre":
-                constexprs.update(CAUSAL=causal, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
-            signature, hints = {}, {}
-            # (Read the Python signature: under the interpreter ``kernel`` is not a JITFunction.)
-            for name, param in inspect.signature(kernel.fn).parameters.items():
-                if "constexpr" in str(param.annotation):
-                    continue
-                if name in ("LSE", "DELTA"):
-                    signature[name] = "*fp32"
-                elif name.startswith("CU_"):
-                    signature[name] = "*i32" if varlen else f"*{dtype}"
-                elif name.isupper():
-                    signature[name] = f"*{dtype}"
-                elif name in ("qk_scale", "scale"):
-                    signature[name] = "fp32"
-                else:
-                    signature[name] = "i32"
-                    # Llama launches: row and head strides, head counts and lengths are
-                    # multiples of 16; GQA group sizes (4, 8) and batch strides of varlen (0) vary.
-                    if name.startswith("stride_") or name in ("q_heads", "seq_q", "seq_k"):
-                        hints[name] = 16
-            yield kernel, signature, constexprs, options, hints
+        for gpu, archs in GPU_CLASS_ARCHS.items():
+            dkdv, dq = backward_configs(head_dim, torch_dtype, varlen, gpu)
+            fwd = forward_config(head_dim, torch_dtype, varlen, gpu)
+            block = {"fwd": fwd, "dkdv": dkdv, "dq": dq, "pre": {"BLOCK_M": PREPROCESS_BLOCK_M, "num_warps": PREPROCESS_WARPS}}
+            for kernel, role in kernels:
+                if role == "pre" and not causal:
+                    continue  # the preprocess does not depend on the mask
+                key = (kernel, role, head_dim, dtype, causal, varlen, tuple(sorted(block[role].items())))
+                seen.setdefault(key, []).extend(archs)
+    for (kernel, role, head_dim, dtype, causal, varlen, items), archs in seen.items():
+        cfg = dict(items)
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 3)}
+        constexprs = {"IS_VARLEN": varlen, "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), **cfg}
+        if role != "pre":
+            constexprs.update(CAUSAL=causal, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+        signature, hints = {}, {}
+        # (Read the Python signature: under the interpreter ``kernel`` is not a JITFunction.)
+        for name, param in inspect.signature(kernel.fn).parameters.items():
+            if "constexpr" in str(param.annotation):
+                continue
+            if name in ("LSE", "DELTA"):
+                signature[name] = "*fp32"
+            elif name.startswith("CU_"):
+                signature[name] = "*i32" if varlen else f"*{dtype}"
+            elif name.isupper():
+                signature[name] = f"*{dtype}"
+            elif name in ("qk_scale", "scale"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                # Llama launches: row and head strides, head counts and lengths are
+                # multiples of 16; GQA group sizes (4, 8) and batch strides of varlen (0) vary.
+                if name.startswith("stride_") or name in ("q_heads", "seq_q", "seq_k"):
+                    hints[name] = 16
+        yield kernel, signature, constexprs, options, hints, tuple(sorted(archs))
 
 
 # The triton backend's implementations from this file, by the dispatcher's op names.

@@ -244,6 +244,13 @@ COMBINE_VALUES_PER_THREAD = 16
 NUM_STAGES = 2
 # Grid dimension 1 (the splits) stops at 65535.
 MAX_SPLITS = 65535
+# A chosen split (num_splits=0, on a GPU) gets at least MIN_BLOCKS_PER_SPLIT key blocks of a
+# full cache. Short contexts at small batch (B <= 4, <= 8K keys: 1-2 blocks per split
+# before) otherwise pay per split a pipeline that never fills (2 stages, 1-2 blocks), the
+# Q load, and float32 partials written and read back by the combine: at B=1, 32/8 heads,
+# D=128, 2K keys, 32 splits move 1 MB of partials beside 8.4 MB of cache (12 %), 8 splits
+# 3 %. Explicit num_splits are honoured as given.
+MIN_BLOCKS_PER_SPLIT = 4
 
 
 def launch_config(group: int, q_len: int, head_dim: int) -> dict:
@@ -265,14 +272,17 @@ def combine_config(num_splits: int, head_dim: int) -> dict:
 
 def choose_num_splits(requested: int, device: torch.device, programs_per_split: int, seqlen_max: int,
                       block_n: int) -> int:
-    """Splits of the cache length: ``requested`` if > 0, else enough to fill the GPU; then
-    clamped to the number of key blocks of Smax (a split gets at least one block when the
-    cache is full). Shapes only, never the lengths."""
-    max_splits = min(max(1, triton.cdiv(seqlen_max, block_n)), MAX_SPLITS)
+    """Splits of the cache length: ``requested`` if > 0, else enough to fill the GPU but
+    with at least MIN_BLOCKS_PER_SPLIT key blocks each; then clamped to the number of key
+    blocks of Smax (a split gets at least one block when the cache is full). Shapes only,
+    never the lengths."""
+    key_blocks = max(1, triton.cdiv(seqlen_max, block_n))
+    max_splits = min(key_blocks, MAX_SPLITS)
     if requested <= 0:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             target = PROGRAMS_PER_SM * _sm_count(index)
+            max_splits = min(max_splits, triton.cdiv(key_blocks, MIN_BLOCKS_PER_SPLIT))
         else:
             target = CPU_PROGRAMS
         requested = triton.cdiv(target, max(1, programs_per_split))
@@ -338,6 +348,29 @@ def _split_signature(dtype: str, write_out: bool) -> dict:
     sig.update(dict.fromkeys(ints, "i32"))
     sig["qk_scale"] = "fp32"
     return sig
+
+
+def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None:
+    """Why a launch configuration keeps fewer than 2 blocks per SM (the compile check's
+    occupancy test asks), or None."""
+    if kernel == "_flash_decode_split_kernel" and (constexprs["BLOCK_M"] >= 64 or constexprs["HEAD_DIM"] >= 256):
+        # 64-row tiles (speculative decoding, GQA 16 x 4 tokens) and head dim 256 hold a
+        # (rows x D) float32 accumulator on 8 warps: 160-180 registers, 1 block of 8 warps.
+        # They are not the Llama-3 single-token path (16 rows at head dim 64/128).
+        return "64-row or head-dim-256 tile: 8 warps, 160-180 registers"
+    if kernel == "_flash_decode_split_kernel" and arch in (86, 89, 120) and constexprs["DOT_PRECISION"] == "ieee":
+        # float32 caches (not a Llama-3 serving dtype): two stages of float32 K and V tiles
+        # take 76 KiB of the consumer SM's 100.
+        return "float32 cache tiles on a 100 KiB SM"
+    return None
+
+
+def useful_mma_flops(kernel: str, constexprs: dict) -> int | None:
+    """GEMM FLOPs of one key block of the split kernel (QK^T and PV over the padded row
+    tile; decoding is memory-bound, the ratio only shows the tile has no duplicated work)."""
+    if kernel != "_flash_decode_split_kernel":
+        return None
+    return 2 * 2 * constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * constexprs["HEAD_DIM"]
 
 
 def compile_configs():

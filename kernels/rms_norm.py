@@ -93,7 +93,14 @@ def _rms_norm_bwd_kernel(
 ELEMENTS_PER_PROGRAM = 4096
 VALUES_PER_THREAD = 16
 MAX_WARPS = 32
-BWD_PROGRAMS_PER_SM = 4  # persistent backward: enough resident programs to hide latency
+# Persistent backward: as many programs per SM as stay resident. The compile check shows 2
+# at Llama hidden sizes 1024-4096 on sm_80 and sm_90 (2048: 8 warps at 99-127 registers;
+# 4096: 16 warps at 64, see bwd_launch_config) and 1 from 8192 (32 warps). It was 4: the second
+# pair of programs per SM only started when the first finished its rows (the same total
+# time), and each program adds one float32 dW partial row to write and reduce (at 8192
+# tokens x 4096, 132 SMs: 528 rows, 8.7 MB written and read back, 8 % of the op's 204 MB;
+# now 4 %). Fusing that reduction into the kernel is the next step.
+BWD_PROGRAMS_PER_SM = 2
 
 
 def launch_config(n: int) -> dict:
@@ -101,6 +108,25 @@ def launch_config(n: int) -> dict:
     block_m = max(1, ELEMENTS_PER_PROGRAM // block_n)
     warps = max(1, min(MAX_WARPS, block_m * block_n // (32 * VALUES_PER_THREAD)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
+
+
+# The backward holds more per value (h, dy, the weight and the dW accumulator in float32)
+# than the forward: at 16 values per thread ptxas needs 99-127 registers at hidden 2048-8192
+# (sm_80/sm_90), so 16 warps stay resident per SM (2 blocks of 8 at 4096, 1 of 16 at 8192).
+# From BWD_WIDE_FROM up it takes half the values per thread (twice the warps, up to
+# MAX_WARPS): bf16 4096 on 16 warps holds 64 registers with no spills, 2 blocks = 32
+# resident warps (fp16 with dh: 79-85 registers, 1 block, 16 warps as before); 8192 on 32
+# warps, 64 registers, 32 warps. Each thread still moves 16 bytes per access. 2048 stays at
+# 8 warps: on 16 it keeps 16 resident warps either way and spills 8/4 bytes on sm_80.
+BWD_VALUES_PER_THREAD = 8
+BWD_WIDE_FROM = 4096
+
+
+def bwd_launch_config(n: int) -> dict:
+    cfg = launch_config(n)
+    if cfg["BLOCK_N"] >= BWD_WIDE_FROM:
+        cfg["num_warps"] = max(1, min(MAX_WARPS, cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * BWD_VALUES_PER_THREAD)))
+    return cfg
 
 
 def rms_norm_fwd(x, residual, weight, eps):
@@ -127,7 +153,7 @@ def rms_norm_fwd(x, residual, weight, eps):
 def rms_norm_bwd(dy, dh, h, weight, eps):
     """Registry entry "rms_norm_bwd" (see ``llama_fast.reference.rms_norm_bwd``)."""
     shape, n = h.shape, h.shape[-1]
-    cfg = launch_config(n)
+    cfg = bwd_launch_config(n)
     h2, dy2 = as_rows(h, cfg["BLOCK_M"]), as_rows(dy, cfg["BLOCK_M"])
     dh2 = as_rows(dh, cfg["BLOCK_M"]) if dh is not None else None
     m = h2.shape[0]
@@ -147,6 +173,44 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
     return dx.view(shape), dw_partial.sum(0).to(weight.dtype)
 
 
+def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None:
+    """Why a launch configuration keeps fewer than 2 blocks per SM (the compile check's
+    occupancy test asks), or None."""
+    n = constexprs["BLOCK_N"]
+    if kernel == "_rms_norm_bwd_kernel" and n == BWD_WIDE_FROM:
+        # 16 warps: 64 registers in bf16 (2 blocks); fp16 with dh takes 79-85, so 1 block
+        # of 16 warps, as many resident warps as the 2 blocks of 8 it replaced.
+        return "16-warp row: 1 block is 16 resident warps"
+    if n >= 8192:
+        # One row per program held in registers over 16-32 warps (512-1024 threads): a block
+        # is a quarter to half of an SM's threads, so one resident block still runs 16-32
+        # warps. Known gap (sm_90, 8192 backward: 122 registers x 512 threads = 1 block, 16
+        # warps): a persistent kernel that prefetches the next row would hide more latency.
+        return "one wide row per program on 16-32 warps"
+    if kernel == "_rms_norm_bwd_kernel" and n <= 8:
+        # Hidden sizes of 8 or fewer (not a Llama shape): 512-1024 rows per step and their
+        # per-row reductions hold 229-255 registers per thread.
+        return "tiny hidden size: 512-1024 rows per step in registers"
+    return None
+
+
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def min_global_bytes(kernel: str, constexprs: dict, signature: dict) -> int:
+    """Bytes the kernel's code must move with each loop body run once, for the compile
+    check's bytes ratio: forward x and y (with a residual also r and h) of a BLOCK_M x
+    BLOCK_N tile and the weight; backward dy, h and dx (and dh) of one tile in the row
+    loop, plus the weight and the float32 dW partial row outside it."""
+    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    size = {name: _BYTES[t[1:]] for name, t in signature.items() if t.startswith("*")}
+    if kernel == "_rms_norm_fwd_kernel":
+        tensors = ["X", "Y"] + (["R", "H"] if constexprs["HAS_RESIDUAL"] else [])
+        return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * size["W"]
+    tensors = ["DY", "H", "DX"] + (["DH"] if constexprs["HAS_DH"] else [])
+    return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * (size["W"] + 4)
+
+
 def compile_configs():
     """Every (kernel, signature, constexprs, num_warps, launch_hints) the launchers above can
     use, for the hidden sizes we ship (BLOCK_N spans all powers of two a supported size
@@ -157,6 +221,7 @@ def compile_configs():
     for block_n in [2**i for i in range(2, 17)]:
         cfg = launch_config(block_n)
         warps = cfg.pop("num_warps")
+        bwd_warps = bwd_launch_config(block_n)["num_warps"]
         n16 = 16 if block_n >= 16 else None
         hints = {"M": 16, "rows_per_program": 16 if cfg["BLOCK_M"] % 16 == 0 else None, **dict.fromkeys(
             ["N", "stride_x", "stride_r", "stride_y", "stride_h", "stride_dy", "stride_dh", "stride_dx"], n16)}
@@ -175,7 +240,7 @@ def compile_configs():
                     "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_dh": "i32",
                     "stride_h": "i32", "stride_dx": "i32", "eps": "fp32", "rows_per_program": "i32",
                 }
-                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), warps,
+                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), bwd_warps,
                        {k: v for k, v in hints.items() if k in sig and v})
 
 

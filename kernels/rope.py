@@ -122,6 +122,18 @@ def rope_fwd(q, k, cos, sin, interleaved, inverse):
     return q_out, k_out
 
 
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def min_global_bytes(kernel: str, constexprs: dict, signature: dict) -> int:
+    """Bytes the code must move with each head loop run once (compile check's bytes
+    ratio): the cos and sin rows, then BLOCK_HQ query heads and BLOCK_HK key heads read and
+    written."""
+    row = 2 * constexprs["BLOCK_HALF"]
+    x, table = _BYTES[signature["Q"][1:]], _BYTES[signature["COS"][1:]]
+    return 2 * constexprs["BLOCK_HALF"] * table + 2 * row * x * (constexprs["BLOCK_HQ"] + constexprs["BLOCK_HK"])
+
+
 def compile_configs():
     """The configurations the launcher uses for Llama-3 shapes (head dims 64 and 128 with
     32/8 or 64/8 heads, and 256 for the largest tile), each layout and direction.

@@ -115,6 +115,16 @@ def swiglu_bwd(dy, gate, up, dgate, dup):
         )
 
 
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def min_global_bytes(kernel: str, constexprs: dict, signature: dict) -> int:
+    """Bytes one tile must move (compile check's bytes ratio): g, u and y forward; dy, g,
+    u, dg and du backward."""
+    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    return tile * sum(_BYTES[t[1:]] for t in signature.values() if t.startswith("*"))
+
+
 def compile_configs():
     """Every launch configuration: BLOCK_N takes each power of two up to MAX_BLOCK_N.
     launch_hints (see llama_fast.tools.compile_check), for N = BLOCK_N (at MAX_BLOCK_N: Llama

@@ -71,6 +71,18 @@ def test_attention_forward_runs_on_mma_ldmatrix_cp_async_and_stores_16_bytes(sas
         assert 16 in sass_check.widths(counts, "STG"), f"sm_{arch} {name}: the output is not stored 16 bytes at a time"
 
 
+def test_attention_forward_exponentials_are_single_ex2_without_denormal_fix_ups(sass):
+    """The softmax's 2^x is ex2.approx.ftz (one MUFU.EX2) with the scale folded into the
+    FFMA of its argument. exp2f instead guards every MUFU.EX2 with FSETP.GEU x, -126 and
+    two predicated FMULs (so that denormal results come out right): on sm_90 that was 72
+    FSETP.GEU per instantiation for 68 MUFU.EX2, now 4 (the epilogue's log2f)."""
+    kernels = [(arch, name, c) for (arch, name), c in sass.items() if name.startswith("attn_fwd_kernel<")]
+    assert kernels
+    for arch, name, counts in kernels:
+        ex2, guards = counts["MUFU.EX2"], counts["FSETP.GEU.AND"]
+        assert ex2 >= 64 and guards * 8 <= ex2, f"sm_{arch} {name}: {ex2} MUFU.EX2, {guards} FSETP.GEU.AND"
+
+
 def test_decode_reads_the_cache_with_16_byte_cp_async(sass):
     kernels = [(arch, name, c) for (arch, name), c in sass.items() if name.startswith("decode_split_kernel<")]
     assert {arch for arch, _, _ in kernels} == set(ARCHS)

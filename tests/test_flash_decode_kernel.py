@@ -235,8 +235,11 @@ def test_num_splits_heuristic(monkeypatch):
     # Chosen: about 2 programs per SM on a GPU (here a fake one with 132 SMs), a few on the CPU.
     monkeypatch.setattr(fd, "_sm_count", lambda index: 132)
     gpu = torch.device("cuda", 0)
-    assert fd.choose_num_splits(0, gpu, 8, 8192, 64) == 33  # B=1, 8 kv heads: 264 / 8
-    assert fd.choose_num_splits(0, gpu, 8, 1024, 64) == 16  # no more splits than key blocks
+    assert fd.choose_num_splits(0, gpu, 8, 16384, 64) == 33  # B=1, 8 kv heads: 264 / 8
+    assert fd.choose_num_splits(0, gpu, 8, 8192, 64) == 32  # 128 key blocks, >= 4 per split
+    assert fd.choose_num_splits(0, gpu, 8, 1024, 64) == 4  # 16 key blocks: 4 splits of 4
+    assert fd.choose_num_splits(0, gpu, 8, 100, 64) == 1  # 2 key blocks: no split
+    assert fd.choose_num_splits(8, gpu, 8, 1024, 64) == 8  # an explicit count is honoured
     assert fd.choose_num_splits(0, gpu, 512, 8192, 64) == 1  # a big batch fills the GPU alone
     assert 1 <= fd.choose_num_splits(0, cpu, 1, 8192, 64) <= fd.CPU_PROGRAMS
 

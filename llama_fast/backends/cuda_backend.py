@@ -33,8 +33,8 @@ DECODE_FLOAT32_WIDE_MAX_ROWS = 16
 GAPS = {
     "attn_bwd": "always (the attention backward runs the Triton kernels)",
     "attn_varlen_bwd": "always (the attention backward runs the Triton kernels)",
-    "attn_fwd": "float32, or head dims other than 64 and 128",
-    "attn_varlen_fwd": "float32, or head dims other than 64 and 128",
+    "attn_fwd": "float32, head dims other than 64 and 128, or a softmax scale <= 0",
+    "attn_varlen_fwd": "float32, head dims other than 64 and 128, or a softmax scale <= 0",
     "linear_cross_entropy": "always (its matmuls are cuBLAS either way; the softmax step is the Triton kernel)",
     "decode": "head dims above 256, more than 64 query rows (GQA group x Sq) per KV head, or float32 with head "
               "dim > 128 and > 16 rows",
@@ -85,7 +85,8 @@ class CudaBackend(Backend):
         return f"backend 'cuda' runs on {self.device_type.upper()} tensors, got a {device.type} tensor"
 
     def gap(self, op, args):
-        if op in ("attn_fwd", "attn_varlen_fwd") and not attention_in_cuda(args[0]):
+        # (the kernel folds a positive scale into its exp2: the last argument is the scale)
+        if op in ("attn_fwd", "attn_varlen_fwd") and not (attention_in_cuda(args[0]) and args[-1] > 0):
             return GAPS[op]
         if op == "decode" and not decode_in_cuda(args[0], args[1]):
             return GAPS[op]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel configuration for sm_80 and sm_90, no GPU needed.
+"""Compile every Triton kernel configuration for sm_80 to sm_120, no GPU needed.
 
 Why this exists: the CPU test suite runs the kernels under the Triton interpreter, which
 never lowers them to PTX, so a kernel that fails to compile for a real GPU, needs too much
@@ -13,7 +13,26 @@ and how wide the global loads and stores are (from the PTX: a memory-bound kerne
 moves 2 bytes per instruction where it could move 16 is slow on a GPU and right on the
 interpreter).
 
-    python -m llama_fast.tools.compile_check [--arch 80 90] [--jobs N] [--json FILE] [--general-all]
+    python -m llama_fast.tools.compile_check [--arch 80 90 ...] [--all-archs] [--jobs N] [--json FILE] [--general-all]
+
+Archs: sm_80, 86, 89, 90, 100 and 120 (``ALL_ARCHS``); the memory-bound kernels only for
+sm_80 and sm_90 unless ``--all-archs`` (``MODULE_ARCHS``). A configuration may name the
+archs that launch it (``config_archs``: attention tiles per GPU class).
+
+Static cost evidence (columns ``CTAs/SM``, ``work``, ``bytes``; keys in the JSON)
+----------------------------------------------------------------------------------
+* ``ctas_per_sm`` / ``occupancy_limit``: resident blocks per SM from the registers,
+  shared memory and warps against ``ARCH_LIMITS`` (``occupancy``).
+* ``work_ratio``: tensor-core FLOPs issued over useful FLOPs. Every mma.sync / wgmma in the
+  PTX is sized from its shape (m x n x k x 2, times the warps or warpgroups that issue
+  it) and assigned to its innermost loop; each dot loop counts once per iteration, so a
+  kernel with a masked and an unmasked copy of its loop is compared against two
+  iterations of useful work (``useful_mma_flops`` of the kernel's module). 1.0: no
+  duplicated work; tcgen05 (sm_100) keeps its shape in a run-time descriptor and gets no
+  ratio.
+* ``bytes_ratio``: bytes the global loads and stores of the code move (each instruction
+  once, times the CTA's threads) over ``min_global_bytes`` of the module, the op's minimum
+  for the same loop-body-once work: > 1 means replicated or wasted accesses.
 
 Two variants of each configuration
 ----------------------------------
@@ -41,7 +60,7 @@ gathers into vector loads (rope at head_dim 128: about 60 registers instead of 2
   strides). It is only reported, so to keep the check fast (the test runs it) it is
   compiled for a representative subset: each kernel's first pointer-type combination in
   ``compile_configs()`` (rms_norm bf16, rope bf16 with fp32 tables, swiglu bf16: the ones
-  that span every block size) on the newest arch asked for (sm_90). ``--general-all``
+  that span every block size) on sm_90 (or the newest arch asked for without it). ``--general-all``
   compiles it for every configuration and arch.
 
 The table shows both variants side by side (``L/G``: launch/general; ``-``: not compiled).
@@ -69,7 +88,109 @@ import traceback
 from llama_fast.backends.triton_backend import kernel_modules
 
 KERNEL_MODULES = tuple(kernel_modules())  # every kernels/*.py: a new op's file is covered by itself
-DEFAULT_ARCHS = (80, 90)
+ALL_ARCHS = (80, 86, 89, 90, 100, 120)
+DEFAULT_ARCHS = ALL_ARCHS
+# The memory-bound kernels (no tensor cores, no arch-specific configuration) compile for
+# sm_80 and sm_90 by default, the kernels with tensor-core tiles for every arch: that keeps
+# the check a few minutes on 2 cores. ``--all-archs`` drops the restriction.
+MODULE_ARCHS = {
+    "llama_fast.kernels.rms_norm": (80, 90),
+    "llama_fast.kernels.rope": (80, 90),
+    "llama_fast.kernels.swiglu": (80, 90),
+    "llama_fast.kernels.cross_entropy": (80, 90),
+}
+
+# What one SM of each arch offers a kernel (CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability"): shared memory per SM and the most one block
+# may opt in to (bytes), resident warps and blocks, 32-bit registers. The runtime also
+# reserves RESERVED_SHARED per block. sm_86/89/120 are the consumer and workstation parts
+# (A10, L4, L40S, RTX 30/40/50): 99 KiB per block, 48 warps.
+ArchLimits = collections.namedtuple("ArchLimits", "smem_per_sm smem_per_block max_warps max_ctas registers")
+ARCH_LIMITS = {
+    80: ArchLimits(164 * 1024, 163 * 1024, 64, 32, 65536),
+    86: ArchLimits(100 * 1024, 99 * 1024, 48, 16, 65536),
+    89: ArchLimits(100 * 1024, 99 * 1024, 48, 24, 65536),
+    90: ArchLimits(228 * 1024, 227 * 1024, 64, 32, 65536),
+    100: ArchLimits(228 * 1024, 227 * 1024, 64, 32, 65536),
+    120: ArchLimits(100 * 1024, 99 * 1024, 48, 32, 65536),
+}
+RESERVED_SHARED = 1024
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
+
+
+def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> tuple[int, str]:
+    """``(blocks per SM, what limits it)`` for a kernel using ``registers`` per thread and
+    ``shared`` bytes per block on ``arch``, as the CUDA occupancy calculator counts them;
+    0 blocks if it does not fit at all."""
+    lim = ARCH_LIMITS[arch]
+    per_warp = -(-registers * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    bounds = {
+        "blocks": lim.max_ctas,
+        "warps": lim.max_warps // num_warps,
+        "registers": (lim.registers // per_warp) // num_warps if per_warp else lim.max_ctas,
+        "smem": (lim.smem_per_sm // (shared + RESERVED_SHARED)) if shared <= lim.smem_per_block else 0,
+    }
+    limiter = min(bounds, key=lambda k: (bounds[k], k != "blocks"))
+    return bounds[limiter], limiter
+
+
+# Tensor-core instructions in PTX and the FLOPs one of them issues: mma.sync is per warp,
+# wgmma per warpgroup (4 warps). tcgen05.mma (sm_100) keeps its shape in a runtime
+# descriptor, so it is only counted, not sized.
+_MMA_SYNC = re.compile(r"\bmma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_WGMMA = re.compile(r"\bwgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_TCGEN05 = re.compile(r"\btcgen05\.mma\b")
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """``(first line, last line)`` of each loop in a PTX function: a label and a later
+    branch back to it (LLVM lays a loop's body out between the two)."""
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b and b.group(1) in labels:
+            loops.append((labels[b.group(1)], i))
+    return loops
+
+
+def tensor_core_work(ptx: str, num_warps: int) -> dict:
+    """MMA FLOPs the CTA issues per execution of each innermost loop holding tensor-core
+    instructions (and outside any loop): each instruction's m*n*k*2 times the warps or
+    warpgroups that execute it. ``loops``: those FLOPs per loop, in code order."""
+    lines = ptx.splitlines()
+    loops = _loops(lines)
+    per_loop: dict = collections.Counter()
+    outside = 0
+    tcgen05 = 0
+    for i, line in enumerate(lines):
+        if _TCGEN05.search(line):
+            tcgen05 += 1
+            continue
+        m, copies = _WGMMA.search(line), max(1, num_warps // 4)
+        if not m:
+            m, copies = _MMA_SYNC.search(line), num_warps
+        if not m:
+            continue
+        flops = 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * copies
+        inner = [lp for lp in loops if lp[0] <= i <= lp[1]]
+        if inner:
+            per_loop[min(inner, key=lambda lp: lp[1] - lp[0])] += flops
+        else:
+            outside += flops
+    return {"loops": [per_loop[k] for k in sorted(per_loop)], "outside": outside, "tcgen05": tcgen05}
+
+
+def global_bytes_per_cta(ptx: str, num_warps: int) -> int:
+    """Bytes the CTA's global loads and stores move if every instruction in the code runs
+    once (each loop body once): instruction width x threads."""
+    loads, stores = global_access_bytes(ptx)
+    return sum(int(w) * n for d in (loads, stores) for w, n in d.items()) * 32 * num_warps
 
 
 class InterpreterEnabledError(RuntimeError):
@@ -125,10 +246,18 @@ _FAKE_INT = {1: 1, 16: 16, None: 3}
 
 def unpack_config(config: tuple) -> tuple:
     """``(fn, signature, constexprs, options, launch_hints)``: the 4th element of a config is
-    num_warps, or a dict of compile options (num_warps, num_stages); hints default to none."""
+    num_warps, or a dict of compile options (num_warps, num_stages); hints default to none.
+    An optional 6th element lists the archs the configuration is launched on
+    (``config_archs``)."""
     fn, signature, constexprs, options, *rest = config
     options = dict(options) if isinstance(options, dict) else {"num_warps": options}
     return fn, signature, constexprs, options, (rest[0] if rest else {})
+
+
+def config_archs(config: tuple) -> tuple | None:
+    """The archs whose launchers pick this configuration (arch-aware configurations, e.g.
+    attention tiles per GPU class); None: every arch."""
+    return tuple(config[5]) if len(config) > 5 else None
 
 
 def _pointer_types(signature: dict) -> tuple:
@@ -198,7 +327,8 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
     spills, tensor-core instructions, compile time, and the error if it failed."""
     result = {"specialized": None, "shared": None, "registers": "?", "stack": "?", "spill_stores": "?",
               "spill_loads": "?", "compile_s": None, "tensor_cores": None, "load_bytes": None, "store_bytes": None,
-              "error": None}
+              "ctas_per_sm": None, "occupancy_limit": None, "mma_flops": None, "useful_flops": None,
+              "work_ratio": None, "bytes_moved": None, "min_bytes": None, "bytes_ratio": None, "error": None}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -227,14 +357,47 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
         if spills:
             result["spill_stores"], result["spill_loads"] = map(int, spills.groups())
         # Which tensor-core instructions tl.dot became: Hopper's asynchronous warpgroup MMA
-        # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync.
+        # (wgmma, what sm_90 attention needs to pass FA2 speed) or Ampere's mma.sync, or
+        # sm_100's tcgen05.mma (tensor memory) where Triton emits it.
         ptx = compiled.asm["ptx"]
-        result["tensor_cores"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else None)
+        result["tensor_cores"] = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+                                  else "mma" if "mma.sync" in ptx else None)
         result["load_bytes"], result["store_bytes"] = global_access_bytes(ptx)
+        result.update(static_costs(fn, constexprs, signature, options["num_warps"], arch, result, ptx))
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
         # Triton's CompilationError message already points at the kernel source line.
         result["error"] = "".join(traceback.format_exception_only(e)).strip()
     return result
+
+
+def static_costs(fn, constexprs: dict, signature: dict, num_warps: int, arch: int, result: dict, ptx: str) -> dict:
+    """Occupancy, tensor-core work ratio and bytes moved against the op's minimum.
+
+    The kernel's module says what one iteration of its work needs: ``useful_mma_flops``
+    (the GEMM FLOPs of one iteration of a dot loop, whole CTA) and ``min_global_bytes``
+    (the bytes the code must move if each loop body ran once). The ratio compares that to
+    what the compiled code issues per loop iteration, summed over every dot loop the PTX
+    holds (a kernel with a masked and an unmasked copy of its loop has two)."""
+    import sys as _sys
+
+    module = _sys.modules[fn.__module__]
+    costs = {}
+    if isinstance(result["registers"], int):
+        costs["ctas_per_sm"], costs["occupancy_limit"] = occupancy(arch, num_warps, result["registers"],
+                                                                   result["shared"])
+    useful = getattr(module, "useful_mma_flops", lambda *a: None)(fn.__name__, constexprs)
+    if useful:
+        work = tensor_core_work(ptx, num_warps)
+        costs["mma_flops"] = work
+        costs["useful_flops"] = useful
+        if work["loops"] and not work["tcgen05"]:
+            costs["work_ratio"] = round((sum(work["loops"]) + work["outside"]) / (useful * len(work["loops"])), 3)
+    minimum = getattr(module, "min_global_bytes", lambda *a: None)(fn.__name__, constexprs, signature)
+    if minimum:
+        costs["bytes_moved"] = global_bytes_per_cta(ptx, num_warps)
+        costs["min_bytes"] = minimum
+        costs["bytes_ratio"] = round(costs["bytes_moved"] / minimum, 3)
+    return costs
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
@@ -274,17 +437,27 @@ def fresh_compiles():
                     os.environ[key] = value
 
 
-def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False) -> list[tuple]:
+def tasks(archs=DEFAULT_ARCHS, modules=KERNEL_MODULES, general_all: bool = False,
+          all_archs: bool = False) -> list[tuple]:
     """``(module, config index, arch, variant)`` for everything ``check`` compiles, in order:
-    ``launch`` for every configuration and arch; ``general`` for every one with
-    ``general_all``, else for the representative ones (``_representative``) on the newest arch."""
-    return [(m, i, arch, v) for m in modules for i in range(len(_configs(m))) for arch in archs
-            for v in ("launch", "general")
-            if v == "launch" or general_all or (arch == max(archs) and _representative(m, i))]
+    ``launch`` for every configuration on each arch that launches it (``config_archs``;
+    memory-bound modules only on their ``MODULE_ARCHS`` unless ``all_archs``); ``general``
+    for every one with ``general_all``, else for the representative ones
+    (``_representative``) on sm_90 (or the newest arch asked for without it)."""
+
+    def launched(m, i, arch):
+        only = config_archs(_configs(m)[i])
+        return only is None or arch in only
+
+    general_arch = 90 if 90 in archs else max(archs)
+    module_archs = {m: [a for a in archs if all_archs or a in MODULE_ARCHS.get(m, archs)] for m in modules}
+    return [(m, i, arch, v) for m in modules for i in range(len(_configs(m))) for arch in module_archs[m]
+            if launched(m, i, arch) for v in ("launch", "general")
+            if v == "launch" or general_all or (arch == general_arch and _representative(m, i))]
 
 
 def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
-          general_all: bool = False) -> list[dict]:
+          general_all: bool = False, all_archs: bool = False) -> list[dict]:
     """Compile every configuration of ``modules`` for each arch and variant; one dict per
     task of ``tasks``, in that order. A failure's exception message is in ``"error"``."""
     from triton import knobs
@@ -297,7 +470,7 @@ def check(archs=DEFAULT_ARCHS, jobs: int | None = None, modules=KERNEL_MODULES,
         # spawn: a fresh interpreter per worker, no forked LLVM/CUDA state.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(jobs or os.cpu_count() or 1, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            return pool.map(_compile_one, tasks(archs, modules, general_all), chunksize=1)
+            return pool.map(_compile_one, tasks(archs, modules, general_all, all_archs), chunksize=1)
 
 
 def _spill_cell(r: dict | None) -> str:
@@ -313,6 +486,17 @@ def _access_cell(r: dict | None) -> str:
     return "/".join(",".join(sorted(r[key], key=int, reverse=True)) or "-" for key in ("load_bytes", "store_bytes"))
 
 
+def _occupancy_cell(r: dict | None) -> str:
+    """``2 (smem)``: resident blocks per SM and the resource that limits them."""
+    if r is None or r.get("ctas_per_sm") is None:
+        return "-"
+    return f"{r['ctas_per_sm']} ({r['occupancy_limit']})"
+
+
+def _ratio_cell(r: dict | None, key: str) -> str:
+    return "-" if r is None or r.get(key) is None else f"{r[key]:.2f}"
+
+
 def format_table(results: list[dict]) -> str:
     """One row per (configuration, arch); launch and general variants side by side."""
     def constexprs(r):
@@ -325,7 +509,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         grouped.setdefault((r["module"], r["config"], r["arch"]), {})[r["variant"]] = r
     header = ("kernel", "sm", "types", "constexprs", "warps", "smem L/G", "regs L/G", "stack L/G",
-              "spill st/ld launch", "general", "tensor cores", "ld/st bytes launch")
+              "spill st/ld launch", "general", "tensor cores", "ld/st bytes launch", "CTAs/SM", "work", "bytes")
     rows = [header]
     for variants in grouped.values():
         launch, general = variants.get("launch"), variants.get("general")
@@ -333,7 +517,8 @@ def format_table(results: list[dict]) -> str:
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
-                     str(first.get("tensor_cores") or "-"), _access_cell(launch)))
+                     str(first.get("tensor_cores") or "-"), _access_cell(launch), _occupancy_cell(launch),
+                     _ratio_cell(launch, "work_ratio"), _ratio_cell(launch, "bytes_ratio")))
     return align_columns(rows)
 
 
@@ -342,11 +527,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as a JSON list")
+    parser.add_argument("--all-archs", action="store_true",
+                        help="compile the memory-bound kernels for every arch too (see MODULE_ARCHS)")
     parser.add_argument("--general-all", action="store_true",
                         help="compile the general variant of every configuration, not just one dtype per kernel")
     args = parser.parse_args(argv)
     try:
-        results = check(args.arch, args.jobs, general_all=args.general_all)
+        results = check(args.arch, args.jobs, general_all=args.general_all, all_archs=args.all_archs)
     except InterpreterEnabledError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 2

@@ -93,10 +93,14 @@ def split_name(name: str) -> tuple[str, list[str]]:
 def parse(sass: str) -> dict[tuple[int, str], collections.Counter]:
     """``{(arch, kernel): Counter(opcode)}`` from ``cuobjdump -sass`` output."""
     counts: dict[tuple[int, str], collections.Counter] = {}
-    arch, current = None, None
+    arch, current, skip = None, None, False
     for line in sass.splitlines():
-        if m := re.match(r"\s*arch = sm_(\d+)", line):
-            arch = int(m.group(1))
+        if m := re.match(r"\s*arch = sm_(\d+)(a?)", line):
+            # sm_90a (arch-specific) code is the same source as sm_90's: keyed apart as 90a
+            # would break the int keys, merged it would double the counts, so it is skipped.
+            arch, current, skip = int(m.group(1)), None, bool(m.group(2))
+        elif skip:
+            continue
         elif m := re.match(r"\s*Function : (\S+)", line):
             current = counts.setdefault((arch, m.group(1)), collections.Counter())
         elif current is not None and (m := _INSTRUCTION.search(line)):
