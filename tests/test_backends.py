@@ -33,8 +33,10 @@ def test_what_the_cuda_kernels_do_not_cover_is_routed_to_triton():
     assert backends.ROUTES == {"cuda": "triton"}
     assert "attn_bwd" not in cuda.OPS and "attn_fwd" in cuda.OPS
     q = torch.empty(1, 4, 2, 96, dtype=torch.bfloat16)
-    assert cuda.gap("attn_fwd", (q,)) is not None and cuda.gap("attn_fwd", (q[..., :64],)) is None
-    assert cuda.gap("attn_fwd", (q[..., :64].float(),)) is not None
+    args = lambda t, scale=0.125: (t, t, t, True, scale)  # noqa: E731  (attn_fwd's arguments)
+    assert cuda.gap("attn_fwd", args(q)) is not None and cuda.gap("attn_fwd", args(q[..., :64])) is None
+    assert cuda.gap("attn_fwd", args(q[..., :64].float())) is not None
+    assert cuda.gap("attn_fwd", args(q[..., :64], scale=-0.125)) is not None
     routes = llama_fast.info()["routes"]["cuda"]
     assert routes["to"] == "triton" and {"attn_bwd", "attn_fwd", "decode"} <= set(routes)
 
