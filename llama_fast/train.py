@@ -335,6 +335,9 @@ def train(args) -> int:
                     path = _save(model, optimizer, schedule, step, save_dir)
                     log.say(f"saved {path}")
         log.close()
+        if dist.is_initialized():
+            # Leave together: gloo aborts a rank whose peer tears the group down under it.
+            dist.barrier()
         return 0
     finally:
         if dist.is_initialized():
