@@ -105,3 +105,193 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     for block in decoder_blocks(model):
         block.compile(**compile_kwargs)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# DTensor sharding rules of the llama_fast ops
+
+
+def _ndim(spec) -> int:
+    return len(spec.shape) if hasattr(spec, "shape") else spec.ndim
+
+
+def register_sharding_rules() -> None:
+    """Tell DTensor how each llama_fast custom op runs on sharded inputs, so that an op
+    called with DTensors runs on the local shards (with no gather) when their placements
+    allow, and DTensor redistributes to the nearest allowed placements otherwise:
+
+    * rms_norm, add_rms_norm: sharded on any dimension but the normalised (last) one
+      (sequence parallel: Shard(1)), the weight replicated; their backward gives the
+      weight's gradient as a Partial sum over the shards;
+    * rope: q and k sharded on heads (dim 2) or batch, cos/sin replicated;
+    * flash_attn (log-sum-exp on its dim 1), flash_decode: sharded on heads or batch;
+      flash_attn_varlen (packed (T, H, D)): sharded on heads;
+    * swiglu: gate and up sharded alike on any dimension; swiglu_fused: any but the last
+      (the gate and up halves must stay together);
+    * every op: all replicated.
+
+    Called by ``tensor_parallel``; idempotent.
+    """
+    global _RULES_REGISTERED
+    if _RULES_REGISTERED:
+        return
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    import llama_fast.ops  # noqa: F401  (registers the custom ops)
+
+    ops = torch.ops.llama_fast
+    R, P = Replicate(), Partial()
+
+    @register_sharding(ops.rms_norm.default)
+    def _(x, weight, eps):
+        return [([R], [R, R, None])] + [([Shard(d)], [Shard(d), R, None]) for d in range(_ndim(x) - 1)]
+
+    @register_sharding(ops.add_rms_norm.default)
+    def _(x, residual, weight, eps):
+        return [([R, R], [R, R, R, None])] + [
+            ([Shard(d), Shard(d)], [Shard(d), Shard(d), R, None]) for d in range(_ndim(x) - 1)]
+
+    @register_sharding(ops.rms_norm_backward.default)
+    def _(dy, dh, h, weight, eps):
+        def dh_(p):
+            return None if dh is None else p
+        return [([R, R], [R, dh_(R), R, R, None])] + [
+            ([Shard(d), P], [Shard(d), dh_(Shard(d)), Shard(d), R, None]) for d in range(_ndim(h) - 1)]
+
+    @register_sharding(ops.rope.default)
+    def _(q, k, cos, sin, interleaved, inverse):
+        rules = [([R, R], [R, R, R, R, None, None]), ([Shard(2), Shard(2)], [Shard(2), Shard(2), R, R, None, None])]
+        if _ndim(cos) == 3:  # per-row tables: batch shards them too
+            rules.append(([Shard(0), Shard(0)], [Shard(0), Shard(0), Shard(0), Shard(0), None, None]))
+        return rules
+
+    @register_sharding(ops.flash_attn.default)
+    def _(q, k, v, causal, scale):
+        return [([R, R], [R, R, R, None, None]),
+                ([Shard(2), Shard(1)], [Shard(2), Shard(2), Shard(2), None, None]),
+                ([Shard(0), Shard(0)], [Shard(0), Shard(0), Shard(0), None, None])]
+
+    @register_sharding(ops.flash_attn_backward.default)
+    def _(dout, q, k, v, out, lse, causal, scale):
+        return [([R, R, R], [R, R, R, R, R, R, None, None]),
+                ([Shard(2)] * 3, [Shard(2)] * 5 + [Shard(1), None, None]),
+                ([Shard(0)] * 3, [Shard(0)] * 6 + [None, None])]
+
+    @register_sharding(ops.flash_attn_varlen.default)
+    def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        return [([R, R], [R, R, R, R, R, None, None, None, None]),
+                ([Shard(1), Shard(0)], [Shard(1), Shard(1), Shard(1), R, R, None, None, None, None])]
+
+    @register_sharding(ops.flash_attn_varlen_backward.default)
+    def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+        tail = [R, R, None, None, None, None]
+        return [([R, R, R], [R] * 6 + tail), ([Shard(1)] * 3, [Shard(1)] * 5 + [Shard(0)] + tail)]
+
+    @register_sharding(ops.flash_decode.default)
+    def _(q, k_cache, v_cache, cache_seqlens, *rest):
+        tail = [None] * len(rest)
+        return [([R], [R, R, R, R] + tail), ([Shard(2)], [Shard(2), Shard(2), Shard(2), R] + tail),
+                ([Shard(0)], [Shard(0)] * 4 + tail)]
+
+    @register_sharding(ops.swiglu.default)
+    def _(gate, up):
+        return [([R], [R, R])] + [([Shard(d)], [Shard(d), Shard(d)]) for d in range(_ndim(gate))]
+
+    @register_sharding(ops.swiglu_backward.default)
+    def _(dy, gate, up):
+        return [([R, R], [R, R, R])] + [([Shard(d)] * 2, [Shard(d)] * 3) for d in range(_ndim(gate))]
+
+    @register_sharding(ops.swiglu_fused.default)
+    def _(gate_up):
+        return [([R], [R])] + [([Shard(d)], [Shard(d)]) for d in range(_ndim(gate_up) - 1)]
+
+    @register_sharding(ops.swiglu_fused_backward.default)
+    def _(dy, gate_up):
+        return [([R], [R, R])] + [([Shard(d)], [Shard(d), Shard(d)]) for d in range(_ndim(gate_up) - 1)]
+
+    _RULES_REGISTERED = True
+
+
+_RULES_REGISTERED = False
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor + sequence parallel
+
+
+def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True) -> nn.Module:
+    """Megatron-style tensor parallelism of a (patched or not) ``llama_fast.model.Transformer``
+    over the 1-D ``mesh``, through ``torch.distributed.tensor.parallel`` (torchtitan's Llama
+    plan):
+
+    * ``wq``, ``wk``, ``wv``, ``w1``, ``w3``: column-parallel (each rank computes its heads
+      and its part of the SwiGLU hidden size, on local tensors); ``wo``, ``w2``: row-parallel;
+      the attention modules' ``n_heads`` and ``n_kv_heads`` become the local counts;
+    * ``tok_embeddings``: row-parallel (vocabulary-sharded), ``output``: column-parallel,
+      its logits gathered (replicated) on every rank;
+    * ``sequence_parallel``: the residual stream between the projections is a DTensor
+      sharded on the sequence (Shard(1)), so the norms (``attention_norm``, ``ffn_norm`` and
+      the patched block's fused ``add_rms_norm``, ``norm``) run on 1/K of the tokens with
+      replicated weights (``register_sharding_rules``); otherwise it is replicated.
+
+    Needs n_heads, n_kv_heads and the SwiGLU hidden size to be multiples of the mesh size,
+    and, with sequence_parallel, a sequence length that is too (else Shard(1) is uneven).
+    Patch before: the plan names the modules that run. Not undone by ``unpatch``.
+    Returns the model.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    register_sharding_rules()
+    if mesh is None or mesh.ndim != 1:
+        raise ValueError(f"mesh must be a 1-D DeviceMesh (the tensor-parallel ranks), got {mesh!r}")
+    args = getattr(model, "args", None)
+    if args is None or not hasattr(model, "tok_embeddings"):
+        raise TypeError(f"model must be a llama_fast.model.Transformer (patched or not), got {type(model).__name__}")
+    k = mesh.size()
+    for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim)):
+        if value % k:
+            raise ValueError(f"{name} ({value}) must be a multiple of the tensor-parallel size ({k})")
+    if args.tie_embeddings:
+        raise ValueError("tie_embeddings models are not supported: the embedding (row-parallel) and the output "
+                         "(column-parallel) would need two shardings of one weight")
+    if sequence_parallel:
+        # The residual stream is a DTensor sharded on the sequence between the projections.
+        parallelize_module(model, mesh, {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                              use_local_output=False),
+            "norm": SequenceParallel(use_local_output=False),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
+        })
+    else:
+        # The residual stream is a plain tensor, the same on every rank; so are the norms.
+        parallelize_module(model, mesh, {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Replicate(), use_local_output=True),
+        })
+    for block in decoder_blocks(model):
+        plan = {name: ColwiseParallel() for name in
+                ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")}
+        if sequence_parallel:
+            plan.update({
+                "attention_norm": SequenceParallel(use_local_output=False),
+                "ffn_norm": SequenceParallel(use_local_output=False),
+                # The attention's inputs are (x, cos, sin, input_pos, mask); only x is sharded,
+                # and gathered here: the heads' projections need every token.
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                                desired_input_layouts=(Replicate(), None, None, None, None),
+                                                use_local_output=True),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            })
+        else:
+            plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
+        parallelize_module(block, mesh, plan)
+        attn = block.attention
+        attn.n_heads //= k
+        attn.n_kv_heads //= k
+    return model

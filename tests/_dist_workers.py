@@ -174,3 +174,63 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, sequence_parallel: bool) -> None:
+    """One rank of llama_fast.parallel.tensor_parallel on the patched reference model: rank 0
+    saves the logits, the full gradients of one backward, the collectives the forward ran
+    (CommDebugMode), and what the custom ops return on DTensors sharded by the rules."""
+    import torch.distributed as dist
+
+    os.environ["LLAMA_FAST_BACKEND"] = "torch"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        import llama_fast
+        from llama_fast import parallel
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = build("ref")
+        parallel.tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
+        tokens = data(1, 2)[0]
+        with CommDebugMode() as comm:
+            logits = model(tokens[:, :-1])
+        counts = {str(op): n for op, n in comm.get_comm_counts().items()}
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in model.named_parameters()}
+
+        # The ops on DTensors with the placements the rules allow: the outputs' placements,
+        # and no collective.
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 8, h, 16, generator=g) for h in (4, 2, 2))
+        cos, sin = llama_fast.rope_cos_sin(torch.arange(8), 16)
+        gate, up = torch.randn(2, 8, 12, generator=g), torch.randn(2, 8, 12, generator=g)
+        heads = [distribute_tensor(t, mesh, [Shard(2)]) for t in (q, k, v)]
+        rep = [distribute_tensor(t, mesh, [Replicate()]) for t in (cos, sin)]
+        gate_up = [distribute_tensor(t, mesh, [Shard(2)]) for t in (gate, up)]
+        op_comm = {}
+        with CommDebugMode() as c:
+            attn = llama_fast.flash_attn(*heads)
+        op_comm["flash_attn"] = c.get_total_counts()
+        with CommDebugMode() as c:
+            rq, rk = llama_fast.apply_rope(heads[0], heads[1], *rep, interleaved=True)
+        op_comm["apply_rope"] = c.get_total_counts()
+        with CommDebugMode() as c:
+            sw = llama_fast.swiglu(*gate_up)
+        op_comm["swiglu"] = c.get_total_counts()
+        ops = {"attn": (attn.placements, attn.full_tensor()), "rope": (rq.placements, rq.full_tensor()),
+               "swiglu": (sw.placements, sw.full_tensor()), "op_comm": op_comm}
+        if rank == 0:
+            torch.save({"logits": logits.detach(), "grads": grads, "counts": counts,
+                        "ops": ops, "inputs": (q, k, v, cos, sin, gate, up)}, out)
+        dist.barrier()
+    except BaseException:
+        Path(out + f".err{rank}").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

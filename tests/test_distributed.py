@@ -228,3 +228,60 @@ def test_decoder_blocks_names_the_rule():
         parallel.decoder_blocks(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="param_dtype"):
         parallel.shard_model(W.build("ref"), param_dtype="bf16")
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor + sequence parallel
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False], ids=["tp-sp", "tp"])
+def test_tensor_parallel_matches_single_process(tmp_path, sequence_parallel):
+    """tensor_parallel on 2 ranks (column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2, with
+    sequence_parallel the norms and the fused add_rms_norm on sequence-sharded DTensors):
+    the logits and the gradients of the patched reference model as in one process; the
+    forward runs exactly the plan's collectives (nothing gathers besides them); and the
+    ops take DTensors sharded on heads or hidden units with no collective."""
+    from torch.distributed.tensor import Shard
+
+    got = spawn(tmp_path, W.tensor_parallel_worker, sequence_parallel)
+    model = W.build("ref")
+    tokens = W.data(1, 2)[0]
+    with llama_fast.backend("torch"):
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    layers = model.args.n_layers
+    if sequence_parallel:
+        # Per block: gather before attention and before the MLP, reduce-scatter after each;
+        # the embedding reduce-scatters, the output gathers its input and its logits.
+        expected = {"c10d_functional.all_gather_into_tensor": 2 * layers + 2,
+                    "c10d_functional.reduce_scatter_tensor": 2 * layers + 1}
+    else:
+        expected = {"c10d_functional.all_reduce": 2 * layers + 1, "c10d_functional.all_gather_into_tensor": 1}
+    assert got["counts"] == expected
+
+    q, k, v, cos, sin, gate, up = got["inputs"]
+    ops = got["ops"]
+    assert ops["op_comm"] == {"flash_attn": 0, "apply_rope": 0, "swiglu": 0}
+    with llama_fast.backend("torch"):
+        assert ops["attn"][0] == (Shard(2),)
+        torch.testing.assert_close(ops["attn"][1], llama_fast.flash_attn(q, k, v))
+        assert ops["rope"][0] == (Shard(2),)
+        torch.testing.assert_close(ops["rope"][1], llama_fast.apply_rope(q, k, cos, sin, interleaved=True)[0])
+        assert ops["swiglu"][0] == (Shard(2),)
+        torch.testing.assert_close(ops["swiglu"][1], llama_fast.swiglu(gate, up))
+
+
+def test_tensor_parallel_names_the_rule():
+    class FakeMesh:
+        ndim = 1
+
+        def size(self):
+            return 3
+
+    with pytest.raises(ValueError, match=r"n_heads \(4\) must be a multiple of the tensor-parallel size \(3\)"):
+        parallel.tensor_parallel(W.build("ref"), FakeMesh())
+    with pytest.raises(ValueError, match="1-D DeviceMesh"):
+        parallel.tensor_parallel(W.build("ref"), None)
