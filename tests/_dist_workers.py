@@ -126,7 +126,8 @@ def _train_single(kind, steps, batch, checkpointing, patched, mixed_shares):
 def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: str, steps: int, batch: int,
                          wrap: str, mixed: bool, meta: bool, checkpointing: bool) -> None:
     """One rank of a data-parallel run (``wrap`` "fsdp": llama_fast.parallel.shard_model,
-    FSDP2; "ddp": DistributedDataParallel) over the global batch of ``train_single``, each
+    FSDP2; "ddp": DistributedDataParallel; "fsdp+tp": tensor_parallel inside pairs of ranks
+    and FSDP2 across the pairs, a (world/2) x 2 mesh) over the global batch of ``train_single``, each
     rank taking its contiguous share of every step's batch. Rank 0 saves the mean losses and
     the full parameters to ``out``; a failing rank saves its traceback to ``out.err<rank>``."""
     import torch.distributed as dist
@@ -139,10 +140,17 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
         from llama_fast import parallel
 
         mesh = init_device_mesh("cpu", (world,))
+        dp_rank, dp_size = rank, world
         model = build(kind, meta=meta)
         if checkpointing:
             parallel.checkpoint_blocks(model)
-        if wrap == "fsdp":
+        if wrap == "fsdp+tp":
+            # 2-D: tensor (and sequence) parallel inside pairs of ranks, FSDP2 across them.
+            mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+            dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+            parallel.tensor_parallel(model, mesh["tp"])
+            parallel.shard_model(model, mesh["dp"], param_dtype=torch.bfloat16 if mixed else None)
+        elif wrap == "fsdp":
             parallel.shard_model(model, mesh, param_dtype=torch.bfloat16 if mixed else None)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -150,10 +158,10 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
             model.to_empty(device="cpu")
             model.init_weights(seed=0)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-        share = batch // world
+        share = batch // dp_size
         losses = []
         for tokens in data(steps, batch):
-            loss = loss_of(kind, model, tokens[rank * share:(rank + 1) * share])
+            loss = loss_of(kind, model, tokens[dp_rank * share:(dp_rank + 1) * share])
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -285,3 +285,12 @@ def test_tensor_parallel_names_the_rule():
         parallel.tensor_parallel(W.build("ref"), FakeMesh())
     with pytest.raises(ValueError, match="1-D DeviceMesh"):
         parallel.tensor_parallel(W.build("ref"), None)
+
+
+def test_fsdp2_over_tensor_parallel_2x2_matches_single_process(tmp_path):
+    """2-D on 4 ranks: tensor + sequence parallel inside pairs of ranks, FSDP2 across the
+    pairs (a 2x2 mesh), the model built on the meta device and initialised after both (so
+    init_weights fills 2-D-sharded DTensors): several AdamW steps as in one process."""
+    got = spawn(tmp_path, W.data_parallel_worker, "ref", STEPS, BATCH, "fsdp+tp", False, True, False, world=4)
+    losses, params = W.train_single("ref", STEPS, BATCH)
+    assert_same_run(got, losses, params)
