@@ -2,12 +2,14 @@
 or under torchrun:
 
     python -m llama_fast.train --model tiny --steps 100                      # one process
-    torchrun --nproc-per-node 8 -m llama_fast.train --model llama-3-8b --fsdp --bf16 \\
+    torchrun --nproc-per-node 8 -m llama_fast.train --model llama-3-8b --fsdp --tp 2 --bf16 \\
         --checkpointing --data tokens.bin --batch-size 64 --seq-len 4096 --save-dir ckpt
     llama-fast train ...                                                    # the same
 
 The process group is nccl on GPUs, gloo on CPUs. Data parallel: DDP by default, FSDP2
 (fully_shard per block and at the root, llama_fast.parallel.shard_model) with --fsdp.
+--tp K: tensor + sequence parallel (llama_fast.parallel.tensor_parallel) inside groups of K
+consecutive ranks, FSDP2 across the groups (2-D; --fsdp needed when there are several).
 --bf16 is bfloat16 mixed precision (float32 parameters and optimiser state): FSDP2's
 MixedPrecisionPolicy with --fsdp, torch.autocast otherwise. --checkpointing recomputes each
 block in the backward; --compile compiles each block. The model is built on the meta device
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--seed", type=int, default=0, help="the initial weights' and the data's seed")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block and at the root) instead of DDP")
+    p.add_argument("--tp", type=int, default=1, help="tensor + sequence parallel over groups of this many ranks "
+                   "(with --fsdp across the groups; without it, over all ranks)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _usage_error(args) -> str | None:
-    for name in ("steps", "batch_size", "seq_len", "log_every"):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "tp"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     for name in ("warmup", "save_every"):
@@ -169,22 +173,28 @@ def _build_model(args, device: torch.device, world: int):
         patch(model)
     if args.checkpointing:
         parallel.checkpoint_blocks(model)
+    dp_mesh = None
+    if dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if args.tp > 1:
+            # Ranks r*tp .. r*tp + tp - 1 form a tensor-parallel group; FSDP2 runs across groups.
+            mesh = init_device_mesh(device.type, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
+            parallel.tensor_parallel(model, mesh["tp"])
+            dp_mesh = mesh["dp"]
+        else:
+            dp_mesh = init_device_mesh(device.type, (world,))
     if args.compile:
         parallel.compile_blocks(model)
     if args.fsdp:
-        mesh = None
-        if dist.is_initialized():
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(device.type, (world,))
-        parallel.shard_model(model, mesh, param_dtype=torch.bfloat16 if args.bf16 else None)
+        parallel.shard_model(model, dp_mesh, param_dtype=torch.bfloat16 if args.bf16 else None)
     if from_meta:
         model.to_empty(device=device)
         model.init_weights(seed=args.seed)
     else:
         model.to(device)
     wrapped = model
-    if dist.is_initialized() and not args.fsdp:
+    if dist.is_initialized() and not args.fsdp and args.tp == 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, wrapped
 
@@ -277,8 +287,17 @@ class _Log:
 def train(args) -> int:
     rank, world, device = _setup_distributed()
     try:
-        if args.batch_size % world:
-            raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
+        if world % args.tp:
+            raise ValueError(f"--tp ({args.tp}) must divide the number of ranks ({world})")
+        if args.tp > 1 and world > args.tp and not args.fsdp:
+            raise ValueError(f"--tp {args.tp} on {world} ranks needs --fsdp across the tensor-parallel groups "
+                             "(DDP does not take tensor-parallel parameters)")
+        dp_size, dp_rank = world // args.tp, rank // args.tp
+        if args.batch_size % dp_size:
+            raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the data-parallel size ({dp_size})")
+        if args.tp > 1 and args.seq_len % args.tp:
+            raise ValueError(f"--seq-len ({args.seq_len}) must be a multiple of --tp ({args.tp}): sequence parallel "
+                             "shards the sequence")
         log = _Log(rank, args.steps, args.metrics)
         model, wrapped = _build_model(args, device, world)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -294,12 +313,13 @@ def train(args) -> int:
             else:
                 log.say(f"no checkpoint in {save_dir}: starting at step 0")
         batches = Batches(args.data, model.args.vocab_size, args.seq_len, args.batch_size, args.seed, args.data_dtype)
-        share = args.batch_size // world
+        share = args.batch_size // dp_size
         # Mixed precision without FSDP: autocast (FSDP2 casts the parameters itself).
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 and not args.fsdp else nullcontext())
         choice = backend(args.backend) if args.backend else nullcontext()
         log.say(f"training {args.checkpoint or args.model} on {world} {device.type} rank(s), "
-                f"{'FSDP2' if args.fsdp else 'DDP' if world > 1 else 'one process'}"
+                f"{'FSDP2' if args.fsdp else 'DDP' if world > 1 and args.tp == 1 else 'one process' if world == 1 else 'no data parallel'}"
+                f"{f', tensor parallel {args.tp}' if args.tp > 1 else ''}"
                 f"{', bf16' if args.bf16 else ''}{', checkpointing' if args.checkpointing else ''}"
                 f"{', compiled blocks' if args.compile else ''}{', unpatched' if args.no_patch else ''}")
         if device.type == "cuda":
@@ -307,7 +327,7 @@ def train(args) -> int:
         tick, tokens_since = time.perf_counter(), 0
         with choice:
             while step < args.steps:
-                tokens = batches(step)[rank * share:(rank + 1) * share].to(device)
+                tokens = batches(step)[dp_rank * share:(dp_rank + 1) * share].to(device)
                 with autocast:
                     logits = wrapped(tokens[:, :-1])
                     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())

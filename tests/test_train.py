@@ -134,7 +134,25 @@ def test_train_usage_errors_name_the_argument(tmp_path, capsys):
     for argv, message in [(["--steps", "0"], "--steps must be at least 1"),
                           (["--model", "llama-9"], "--model 'llama-9' is not a known config"),
                           (["--resume"], "--resume needs --save-dir"),
+                          (["--tp", "0"], "--tp must be at least 1"),
                           (["--data", str(tmp_path / "none.bin")], "no such file")]:
         with pytest.raises(SystemExit):
             cli_main(["train", *argv])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch build")
+def test_torchrun_tensor_parallel_follows_the_one_process_loss_curve(tmp_path):
+    """--tp 2 on 2 ranks (tensor + sequence parallel, no data parallel) against one process."""
+    done = subprocess.run(torchrun("--tp", "2", "--steps", "3", "--metrics", str(tmp_path / "tp.jsonl")),
+                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tensor parallel 2" in done.stdout
+    one = subprocess.run([sys.executable, "-m", "llama_fast.train", *TINY, "--steps", "3",
+                          "--metrics", str(tmp_path / "one.jsonl")],
+                         env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    tp, ref = losses(tmp_path / "tp.jsonl"), losses(tmp_path / "one.jsonl")
+    assert sorted(tp) == [1, 2, 3]
+    for step in ref:
+        assert tp[step] == pytest.approx(ref[step], rel=1e-5), (step, tp[step], ref[step])
