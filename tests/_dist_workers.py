@@ -141,6 +141,7 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
 
         mesh = init_device_mesh("cpu", (world,))
         dp_rank, dp_size = rank, world
+        graphs = []
         model = build(kind, meta=meta)
         if checkpointing:
             parallel.checkpoint_blocks(model)
@@ -150,7 +151,19 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
             dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
             parallel.tensor_parallel(model, mesh["tp"])
             parallel.shard_model(model, mesh["dp"], param_dtype=torch.bfloat16 if mixed else None)
-        elif wrap == "fsdp":
+        elif wrap in ("fsdp", "fsdp+compile"):
+            if wrap == "fsdp+compile":
+                # fullgraph: a graph break inside a block raises. aot_eager: the graphs
+                # dynamo and AOTAutograd make, run without inductor's C++ build; the
+                # graphs' llama_fast ops are recorded for the test.
+                from torch._dynamo.backends.debugging import aot_eager
+
+                def recording(gm, example_inputs):
+                    graphs.append(sorted({str(n.target) for n in gm.graph.nodes
+                                          if n.op == "call_function" and "llama_fast" in str(n.target)}))
+                    return aot_eager(gm, example_inputs)
+
+                parallel.compile_blocks(model, backend=recording, fullgraph=True)
             parallel.shard_model(model, mesh, param_dtype=torch.bfloat16 if mixed else None)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -173,7 +186,7 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
         params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                   for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save({"losses": losses, "params": params}, out)
+            torch.save({"losses": losses, "params": params, "graphs": graphs}, out)
         # Leave together: a rank tearing gloo down while another still talks to it aborts.
         dist.barrier()
     except BaseException:

@@ -294,3 +294,20 @@ def test_fsdp2_over_tensor_parallel_2x2_matches_single_process(tmp_path):
     got = spawn(tmp_path, W.data_parallel_worker, "ref", STEPS, BATCH, "fsdp+tp", False, True, False, world=4)
     losses, params = W.train_single("ref", STEPS, BATCH)
     assert_same_run(got, losses, params)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile per block under FSDP2
+
+
+def test_compiled_blocks_under_fsdp2_have_no_graph_break(tmp_path):
+    """compile_blocks(fullgraph=True) then shard_model with bfloat16 mixed precision on 2
+    ranks (the torchtitan recipe): no graph break inside a block (fullgraph raises on one),
+    every block graph holds the llama_fast ops, and training matches one process. The
+    graphs run under aot_eager (dynamo and AOTAutograd, without inductor's C++ build)."""
+    got = spawn(tmp_path, W.data_parallel_worker, "ref", STEPS, BATCH, "fsdp+compile", True, False, False)
+    losses, params = W.train_single("ref", STEPS, BATCH, mixed_shares=WORLD)
+    assert_same_run(got, losses, params)
+    expected = ["llama_fast.add_rms_norm.default", "llama_fast.flash_attn.default", "llama_fast.rms_norm.default",
+                "llama_fast.rope.default", "llama_fast.swiglu.default"]
+    assert got["graphs"] and all(ops == expected for ops in got["graphs"]), got["graphs"]
