@@ -163,7 +163,8 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
 
 def _build_model(args, device: torch.device, world: int):
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint)  # float32 on the CPU, then moved or sharded
+        # On the device before any sharding: fully_shard and the TP plan shard what they find.
+        model = load_checkpoint(args.checkpoint, device=device, dtype=torch.float32)
         from_meta = False
     else:
         with torch.device("meta"):
@@ -191,8 +192,6 @@ def _build_model(args, device: torch.device, world: int):
     if from_meta:
         model.to_empty(device=device)
         model.init_weights(seed=args.seed)
-    else:
-        model.to(device)
     wrapped = model
     if dist.is_initialized() and not args.fsdp and args.tp == 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -156,3 +156,30 @@ def test_torchrun_tensor_parallel_follows_the_one_process_loss_curve(tmp_path):
     assert sorted(tp) == [1, 2, 3]
     for step in ref:
         assert tp[step] == pytest.approx(ref[step], rel=1e-5), (step, tp[step], ref[step])
+
+
+def test_cli_train_starts_from_a_meta_checkpoint(tmp_path, capsys, monkeypatch):
+    """--checkpoint: a Meta folder (params.json + consolidated.00.pth) of a tiny model: its
+    first logged loss is the checkpoint's own loss on the first batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from llama_fast.model import ModelArgs, Transformer
+    from llama_fast.train import Batches
+
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "torch")
+    model = Transformer(ModelArgs.from_name("tiny"))
+    model.init_weights(seed=11)
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                                     "vocab_size": 256, "multiple_of": 32}))
+    torch.save(model.state_dict(), folder / "consolidated.00.pth")
+    argv = [a for a in TINY if a not in ("--model", "tiny")]
+    assert cli_main(["train", *argv, "--checkpoint", str(folder), "--steps", "1",
+                     "--metrics", str(tmp_path / "m.jsonl")]) == 0
+    assert f"training {folder} on 1 cpu rank(s)" in capsys.readouterr().out
+    batch = Batches(None, 256, 32, 4, 0, None)(0)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert losses(tmp_path / "m.jsonl")[1] == pytest.approx(expected, rel=1e-5)
