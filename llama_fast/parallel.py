@@ -1,5 +1,6 @@
-"""The patched models inside PyTorch's own distributed engine: FSDP2 sharding, activation
-checkpointing and per-block compilation, applied per decoder block as torchtitan does.
+"""The patched models inside PyTorch's own distributed engine: FSDP2 sharding, tensor and
+sequence parallelism through DTensor, activation checkpointing and per-block compilation,
+applied per decoder block as torchtitan does.
 
     model = Transformer(args)            # or under torch.device("meta"), see init_weights
     llama_fast.patch(model)
@@ -7,10 +8,16 @@ checkpointing and per-block compilation, applied per decoder block as torchtitan
     shard_model(model, mesh, param_dtype=torch.bfloat16)   # fully_shard per block + root
     model.to_empty(device=...); model.init_weights(seed=0) # when built on the meta device
 
+    # 2-D: tensor + sequence parallel inside rows of a mesh, FSDP2 across them
+    mesh = init_device_mesh("cuda", (dp, tp), mesh_dim_names=("dp", "tp"))
+    tensor_parallel(model, mesh["tp"]); shard_model(model, mesh["dp"])
+
 Works on ``llama_fast.model.Transformer`` (patched or not) and on Hugging Face's
 ``LlamaForCausalLM`` / ``LlamaModel`` (patched or not). llama_fast adds no parallelism of
-its own: these are thin, checked calls of ``torch.distributed.fsdp.fully_shard`` and
-``torch.utils.checkpoint``; the llama_fast ops run on each rank's local tensors.
+its own: these are thin, checked calls of ``torch.distributed.fsdp.fully_shard``,
+``torch.distributed.tensor.parallel`` and ``torch.utils.checkpoint``; the llama_fast ops run
+on each rank's local tensors, or on DTensors by the sharding rules registered here
+(``register_sharding_rules``).
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_blocks", "compile_blocks", "decoder_blocks", "shard_model"]
+__all__ = ["checkpoint_blocks", "compile_blocks", "decoder_blocks", "register_sharding_rules", "shard_model",
+           "tensor_parallel"]
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
