@@ -6,6 +6,9 @@
   demo        build a Llama 3 (a checkpoint, or a random config scaled to the machine), patch
               it, check patched against unpatched logits (exits 1 on a mismatch), generate, and
               time prefill, decoding and a training step, unpatched and patched
+  train       train the reference Llama 3 with the patch, in one process or under torchrun
+              (FSDP2 or DDP, bf16, activation checkpointing, distributed checkpoints). Its
+              arguments go to it (train --help lists them); the same as python -m llama_fast.train
   bench       the benchmark suite (llama_fast.bench): ops and end-to-end Llama-3 against eager,
               torch.compile, SDPA, FlexAttention, Liger-Kernel and flash-attn; a markdown table,
               a JSON file and PNG plots. Its arguments go to it (bench --help lists them)
@@ -167,7 +170,7 @@ def bench(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,selfcheck,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,selfcheck,demo,train,bench}")
     what = "versions, the GPU, and each backend: available or why not, and the ops it serves"
     info = sub.add_parser("info", help=what, description=what)
     info.add_argument("--json", action="store_true",
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llama_fast.demo import DESCRIPTION, add_arguments  # imports torch only: triton is not imported yet
 
     add_arguments(sub.add_parser("demo", help="patch a Llama 3, check it, generate and time it", description=DESCRIPTION))
+    # add_help=False: --help goes on to llama_fast.train, which lists its own options.
+    sub.add_parser("train", add_help=False, help="train the reference Llama 3 with the patch (also under torchrun); "
+                   "its arguments go to it (train --help lists them)")
     # add_help=False: --help goes on to the suite, which lists its own options.
     sub.add_parser("bench", add_help=False, help="the benchmark suite; its arguments go to it (bench --help lists them)")
     return parser
@@ -188,6 +194,10 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return bench(rest)
+    if args.command == "train":
+        from llama_fast.train import main as train_main
+
+        return train_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":

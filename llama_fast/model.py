@@ -26,6 +26,7 @@ Generation is ``llama_fast.generation``, checkpoint loading and conversion
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -296,6 +297,54 @@ class Transformer(nn.Module):
     def from_name(cls, name: str) -> Transformer:
         return cls(ModelArgs.from_name(name))
 
+    # -- initialisation --------------------------------------------------------------
+
+    def init_weights(self, seed: int | None = None, *, std: float = 0.02) -> None:
+        """Fill every parameter and buffer in place, the same values for the same ``seed``
+        whatever the device, the dtype, the sharding (FSDP2 or tensor-parallel DTensors)
+        and whether the model is patched. Used after ``to_empty`` of a model built on the
+        meta device:
+
+            with torch.device("meta"):
+                model = Transformer(args)
+            llama_fast.patch(model)        # optional; patched modules keep these names
+            fully_shard(...)               # optional
+            model.to_empty(device="cuda")
+            model.init_weights(seed=0)
+
+        The scheme (torchtitan's for Llama 3), by parameter name:
+
+        * ``tok_embeddings.weight``: normal, std 1; std ``dim ** -0.5`` when it is also the
+          output projection (``tie_embeddings``), the output's scale;
+        * ``wq``, ``wk``, ``wv``, ``w1`` (gate) of layer i: normal truncated at 3 std, std ``std``;
+        * ``wo``, ``w2`` (down), ``w3`` (up) of layer i: truncated normal, std
+          ``std / sqrt(2 (i + 1))``, so deeper layers add smaller updates to the residual;
+        * norms' weights: ones; ``output.weight``: truncated normal, std ``dim ** -0.5``;
+        * buffers (the KV caches of ``setup_cache``): zeros.
+
+        Each parameter is drawn on the CPU in float32 from a generator seeded by ``seed``
+        and the parameter's name (so neither the order nor the presence of other parameters
+        changes it), then copied into the parameter; a DTensor takes its own shard of the
+        drawn tensor, with no communication. ``seed`` None draws one from torch's default
+        generator: in a process group, seed that alike on every rank (``torch.manual_seed``)
+        or pass ``seed``. Raises ValueError for a parameter the scheme does not name (a
+        module added to the model), rather than leaving it uninitialised.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        dim = self.args.dim
+        for name, param in _unique_named(self.named_parameters(remove_duplicate=False)):
+            sampler = _init_sampler(name, dim, std, self.args.tie_embeddings)
+            if sampler is None:
+                raise ValueError(f"init_weights: no initialisation for parameter {name!r} "
+                                 "(not a parameter of llama_fast.model.Transformer)")
+            _fill(param, sampler, seed, name)
+        for name, buf in self.named_buffers():
+            with torch.no_grad():
+                (buf.to_local() if hasattr(buf, "to_local") else buf).zero_()
+
     # -- KV cache --------------------------------------------------------------------
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
@@ -367,6 +416,58 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         # float32 logits, as Meta's reference: sampling and the loss want them anyway.
         return _at_least_f32(self.output(self.norm(h)))
+
+
+def _unique_named(named):
+    # A tied weight appears under two names; it is drawn once, under its first name
+    # (tok_embeddings.weight, which comes first in the module order).
+    seen = set()
+    for name, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def _init_sampler(name: str, dim: int, std: float, tied: bool):
+    """(generator, shape) -> float32 CPU tensor for the parameter ``name``; None if unknown."""
+    parts = name.split(".")
+    leaf = parts[-2] if len(parts) >= 2 else ""
+
+    def trunc(s):
+        return lambda g, shape: nn.init.trunc_normal_(torch.empty(shape), 0.0, s, -3 * s, 3 * s, generator=g)
+
+    if name == "tok_embeddings.weight":
+        s = dim ** -0.5 if tied else 1.0
+        return lambda g, shape: torch.empty(shape).normal_(0.0, s, generator=g)
+    if name == "output.weight":
+        return trunc(dim ** -0.5)
+    if leaf in ("attention_norm", "ffn_norm", "norm") and parts[-1] == "weight":
+        return lambda g, shape: torch.ones(shape)
+    if parts[0] == "layers" and len(parts) == 5 and parts[-1] == "weight":
+        depth_std = std / (2 * (int(parts[1]) + 1)) ** 0.5
+        if leaf in ("wq", "wk", "wv", "w1"):
+            return trunc(std)
+        if leaf in ("wo", "w2", "w3"):
+            return trunc(depth_std)
+    return None
+
+
+def _fill(param: Tensor, sampler, seed: int, name: str) -> None:
+    """Draw ``param``'s full value on the CPU from (seed, name) and copy it in; a DTensor
+    copies its own shard of it."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    full = sampler(g, tuple(param.shape))
+    with torch.no_grad():
+        if hasattr(param, "device_mesh") and hasattr(param, "to_local"):  # a DTensor
+            from torch.distributed.tensor import distribute_tensor
+
+            local = param.to_local()
+            # Every rank drew the same full tensor: each takes its shard locally (no scatter).
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            local.copy_(shard.to(local.device))
+        else:
+            param.copy_(full)
 
 
 def _attention_mask(q_pos: Tensor, key_pos: Tensor) -> Tensor:
