@@ -26,6 +26,8 @@ import functools
 import torch
 from torch import nn
 
+import llama_fast.ops  # noqa: F401  (registers the custom ops the sharding rules name)
+
 __all__ = ["checkpoint_blocks", "compile_blocks", "decoder_blocks", "register_sharding_rules", "shard_model",
            "tensor_parallel"]
 
@@ -146,7 +148,6 @@ def register_sharding_rules() -> None:
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
-    import llama_fast.ops  # noqa: F401  (registers the custom ops)
 
     ops = torch.ops.llama_fast
     R, P = Replicate(), Partial()

@@ -92,6 +92,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from llama_fast import hf_attention, hf_causal_lm, nn as lfnn
@@ -288,6 +289,13 @@ FUNCTION_CALLS: collections.Counter = collections.Counter()
 _FORWARDS = "_llama_fast_forwards"  # an instance's __dict__ entry: the forward keys it is patched for
 
 
+def _count(key: str, which: str) -> None:
+    # Not inside torch.compile: a traced count is a guard on a changing number (a recompile
+    # per call); a compiled graph's ops show which function ran.
+    if not torch.compiler.is_compiling():
+        FUNCTION_CALLS[key, which] += 1
+
+
 def _flag(key: str) -> str:
     """The attribute of ``_ACTIVE`` counting entries for a function key (an identifier:
     torch.compile traces plain attribute access on it)."""
@@ -315,9 +323,9 @@ def _install_function(rule: Rule) -> None:
     @functools.wraps(original)
     def dispatcher(*args, **kwargs):
         if getattr(_ACTIVE, flag, 0) > 0:
-            FUNCTION_CALLS[key, "llama_fast"] += 1
+            _count(key, "llama_fast")
             return fused(*args, fallback=original, **kwargs)
-        FUNCTION_CALLS[key, "original"] += 1
+        _count(key, "original")
         return original(*args, **kwargs)
 
     dispatcher.__llama_fast_original__ = original
@@ -343,9 +351,9 @@ def _install_forward(rule: Rule) -> None:
     @functools.wraps(original)  # keeps the signature generate() and Trainer inspect
     def forward(self, *args, **kwargs):
         if key in self.__dict__.get(_FORWARDS, ()):
-            FUNCTION_CALLS[key, "llama_fast"] += 1
+            _count(key, "llama_fast")
             return fused(self, *args, fallback=original, **kwargs)
-        FUNCTION_CALLS[key, "original"] += 1
+        _count(key, "original")
         return original(self, *args, **kwargs)
 
     forward.__llama_fast_original__ = original

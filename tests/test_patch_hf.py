@@ -399,6 +399,18 @@ def test_gradient_checkpointing(pair):
         assert_close(p.grad, q.grad, f"grad of {name}", rtol=1e-3, atol=1e-4)
 
 
+def graph_ops_backend():
+    """A torch.compile backend that runs the graph as traced (like "eager") and records the
+    ops each graph calls, in order."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    return backend, ops
+
+
 def test_torch_compile_traces_the_patched_model(pair):
     """Dynamo traces the scoping hooks and the mask function; under tracing, transformers'
     packed-sequence detection cannot look at the position_ids, and the mask function still
@@ -406,14 +418,16 @@ def test_torch_compile_traces_the_patched_model(pair):
     ref, model = pair()
     lfp.patch(model)
     ids = tokens(1, 6)
-    compiled = torch.compile(model, backend="eager")
+    backend, ops = graph_ops_backend()
+    compiled = torch.compile(model, backend=backend)
     with llama_fast.backend("torch"), torch.no_grad():
         got = compiled(ids, use_cache=False).logits
         expected = ref(ids, use_cache=False).logits
     torch._dynamo.reset()
     assert_close(got, expected, "compiled logits")
-    assert lfp.ATTENTION_CALLS == {"flash_attn": 2}
-    assert lfp.FUNCTION_CALLS[ROPE_KEY, "llama_fast"] == 2
+    # (the call counters stay out of compiled code: the graph says which path it took)
+    assert ops.count("llama_fast.flash_attn.default") == 2 and ops.count("llama_fast.rope.default") == 2, ops
+    assert not any("scaled_dot_product" in op for op in ops), ops
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,14 +673,15 @@ def test_torch_compile_fullgraph_training_step_with_the_fused_loss(pair):
     ref.train(), model.train()
     ids = tokens(2, 8)
     labels = with_ignored(ids)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    backend, ops = graph_ops_backend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     with llama_fast.backend("torch"):
         out = compiled(ids, labels=labels, use_cache=False)
         out.loss.backward()
     torch._dynamo.reset()
     expected = ref(ids, labels=labels, use_cache=False)
     expected.loss.backward()
-    assert out.logits is None and lfp.LOSS_CALLS["fused"] == 1
+    assert out.logits is None and ops.count("llama_fast.linear_cross_entropy.default") == 1, ops
     assert_close(out.loss, expected.loss, "compiled loss", rtol=1e-5, atol=1e-6)
     assert_same_grads(model, ref, "compiled: ")
 
