@@ -10,7 +10,6 @@ Triton kernels would run on the CPU only under the Triton interpreter, far too s
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
