@@ -10,6 +10,7 @@ training loop in several processes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from pathlib import Path
@@ -123,6 +124,26 @@ def _train_single(kind, steps, batch, checkpointing, patched, mixed_shares):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@contextlib.contextmanager
+def rank_session(rank: int, world: int, init_file: str, out: str):
+    """One rank's gloo process group around the body, the torch backend in force; a failing
+    rank saves its traceback to ``out.err<rank>``. The ranks leave together: a rank tearing
+    gloo down while another still talks to it aborts."""
+    import torch.distributed as dist
+
+    os.environ["LLAMA_FAST_BACKEND"] = "torch"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        yield
+        dist.barrier()
+    except BaseException:
+        Path(out + f".err{rank}").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: str, steps: int, batch: int,
                          wrap: str, mixed: bool, meta: bool, checkpointing: bool) -> None:
     """One rank of a data-parallel run (``wrap`` "fsdp": llama_fast.parallel.shard_model,
@@ -132,9 +153,7 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
     the full parameters to ``out``; a failing rank saves its traceback to ``out.err<rank>``."""
     import torch.distributed as dist
 
-    os.environ["LLAMA_FAST_BACKEND"] = "torch"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    with rank_session(rank, world, init_file, out):
         from torch.distributed.device_mesh import init_device_mesh
 
         from llama_fast import parallel
@@ -187,25 +206,13 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
                   for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"losses": losses, "params": params, "graphs": graphs}, out)
-        # Leave together: a rank tearing gloo down while another still talks to it aborts.
-        dist.barrier()
-    except BaseException:
-        Path(out + f".err{rank}").write_text(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, sequence_parallel: bool) -> None:
     """One rank of llama_fast.parallel.tensor_parallel on the patched reference model: rank 0
     saves the logits, the full gradients of one backward, the collectives the forward ran
     (CommDebugMode), and what the custom ops return on DTensors sharded by the rules."""
-    import torch.distributed as dist
-
-    os.environ["LLAMA_FAST_BACKEND"] = "torch"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    with rank_session(rank, world, init_file, out):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         from torch.distributed.tensor.debug import CommDebugMode
@@ -248,10 +255,3 @@ def tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, sequ
         if rank == 0:
             torch.save({"logits": logits.detach(), "grads": grads, "counts": counts,
                         "ops": ops, "inputs": (q, k, v, cos, sin, gate, up)}, out)
-        dist.barrier()
-    except BaseException:
-        Path(out + f".err{rank}").write_text(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
