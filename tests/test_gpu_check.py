@@ -32,6 +32,7 @@ OP_PASSES = {
     ("apply_rope", "fwd"), ("apply_rope", "bwd"), ("apply_rope", "fwd+bwd"),
     ("swiglu", "fwd"), ("swiglu", "bwd"), ("swiglu", "fwd+bwd"),
     ("swiglu_fused", "fwd"),
+    ("cross_entropy", "fwd"), ("cross_entropy", "fwd+bwd"),  # the loss and its gradients come from one pass
 }
 E2E_OPS = {"train", "infer"}
 # Providers that cannot run on a CPU: present with null rows (and listed as unavailable).
