@@ -32,13 +32,13 @@ def hf_config():
 
 
 def build(kind: str, *, meta: bool = False, patched: bool = True, seed: int = 0):
-    """The model of ``kind`` ("ref": llama_fast.model.Transformer tiny; "hf": transformers'
-    LlamaForCausalLM, tiny), with the weights ``seed`` gives, patched or not. ``meta``: built
+    """The model of ``kind`` ("ref", or "ref+loss" trained through its loss entry point:
+    llama_fast.model.Transformer tiny; "hf": transformers' LlamaForCausalLM, tiny), with the weights ``seed`` gives, patched or not. ``meta``: built
     on the meta device and left there (the caller shards, to_empty's and init_weights)."""
     import llama_fast
     from llama_fast.model import ModelArgs, Transformer
 
-    if kind == "ref":
+    if kind in ("ref", "ref+loss"):
         if meta:
             with torch.device("meta"):
                 model = Transformer(ModelArgs.from_name("tiny"))
@@ -51,14 +51,17 @@ def build(kind: str, *, meta: bool = False, patched: bool = True, seed: int = 0)
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_config())
     else:
-        raise ValueError(f"kind must be 'ref' or 'hf', got {kind!r}")
+        raise ValueError(f"kind must be 'ref', 'ref+loss' or 'hf', got {kind!r}")
     if patched:
         llama_fast.patch(model)
     return model
 
 
 def loss_of(kind: str, model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, SEQ + 1) token batch."""
+    """Mean next-token cross-entropy of a (B, SEQ + 1) token batch ("ref+loss": the model's
+    own loss entry point, the fused cross-entropy once patched, on the gathered lm_head)."""
+    if kind == "ref+loss":
+        return model(batch[:, :-1], targets=batch[:, 1:])
     if kind == "hf":
         logits = model(input_ids=batch[:, :-1]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())

@@ -144,14 +144,17 @@ def test_init_weights_tied_embeddings_drawn_once():
 # FSDP2 and DDP against the single-process run
 
 
-@pytest.mark.parametrize("mixed,meta", [(False, False), (True, True)], ids=["fp32", "bf16-meta-init"])
-def test_fsdp2_reference_model_matches_single_process(tmp_path, mixed, meta):
+@pytest.mark.parametrize("kind,mixed,meta", [("ref", False, False), ("ref", True, True), ("ref+loss", False, False)],
+                         ids=["fp32", "bf16-meta-init", "fp32-fused-loss"])
+def test_fsdp2_reference_model_matches_single_process(tmp_path, kind, mixed, meta):
     """The patched reference model, fully_shard per block and at the root over 2 ranks
     (mixed: param_dtype bfloat16, reduce_dtype float32; meta: built on the meta device,
     sharded, to_empty and init_weights), against one process on the same global batch
-    (mixed: the same bfloat16 compute of each rank's share, W.train_single)."""
-    got = spawn(tmp_path, W.data_parallel_worker, "ref", STEPS, BATCH, "fsdp", mixed, meta, False)
-    losses, params = W.train_single("ref", STEPS, BATCH, mixed_shares=WORLD if mixed else 0)
+    (mixed: the same bfloat16 compute of each rank's share, W.train_single). "ref+loss"
+    trains through the fused cross-entropy: the lm_head weight FSDP2 gathers feeds it, and
+    its gradient is reduce-scattered as usual."""
+    got = spawn(tmp_path, W.data_parallel_worker, kind, STEPS, BATCH, "fsdp", mixed, meta, False)
+    losses, params = W.train_single(kind, STEPS, BATCH, mixed_shares=WORLD if mixed else 0)
     assert_same_run(got, losses, params)
     assert losses[-1] < losses[0]
 
