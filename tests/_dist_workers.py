@@ -145,6 +145,10 @@ def rank_session(rank: int, world: int, init_file: str, out: str):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Done: leave without the interpreter's teardown, where gloo's threads sometimes meet a
+    # C++ destructor at exit ("terminate called without an active exception", SIGABRT)
+    # after the work and its results are complete.
+    os._exit(0)
 
 
 def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: str, steps: int, batch: int,
