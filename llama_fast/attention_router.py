@@ -24,29 +24,21 @@ tests see which one served a call.
 """
 from __future__ import annotations
 
-import collections
 import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from llama_fast.call_counts import CallCounts
 from llama_fast.ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attn, flash_decode
 from llama_fast.ops.attention import packed_attention, padded_attention
 
-__all__ = ["ATTENTION_CALLS", "DECODE_MAX_QUERIES", "attend", "count", "fallback", "needs_grad", "unserved"]
+__all__ = ["ATTENTION_CALLS", "DECODE_MAX_QUERIES", "attend", "fallback", "needs_grad", "unserved"]
 
 DECODE_MAX_QUERIES = 16  # up to this many new tokens over a longer cache (no grad) use flash_decode
-ATTENTION_CALLS: collections.Counter = collections.Counter()  # "<prefix><path>" -> calls
+ATTENTION_CALLS = CallCounts()  # "<prefix><path>" -> calls
 _WARNED: set[str] = set()  # fallback reasons already warned about (once each)
-
-
-def count(path: str) -> None:
-    """One call served by ``path``; not inside torch.compile, where the count would be traced
-    as a guard on a changing number and a compiled block would recompile on every call
-    (a compiled graph's ops show which path it took)."""
-    if not torch.compiler.is_compiling():
-        ATTENTION_CALLS[path] += 1
 
 
 def unserved(q: Tensor, k: Tensor, v: Tensor) -> str | None:
@@ -63,7 +55,7 @@ def unserved(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 
 def fallback(reason: str, run: Callable[[], object], *, prefix: str = "", who: str = "llama_fast attention"):
     """Run the caller's fallback for ``reason``: counted, and warned about once per reason."""
-    count(f"{prefix}sdpa: {reason}")
+    ATTENTION_CALLS.add(f"{prefix}sdpa: {reason}")
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"{who} falls back to SDPA: {reason}", stacklevel=3)
@@ -83,17 +75,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float
     b, sq = q.shape[:2]
     sk = k.shape[1]
     if segments is not None:
-        count(f"{prefix}flash_attn_varlen (packed){label}")
+        ATTENTION_CALLS.add(f"{prefix}flash_attn_varlen (packed){label}")
         row = torch.arange(b, device=segments.device, dtype=torch.int64)[:, None] * segments.shape[1]
         _, lengths = torch.unique_consecutive((row + segments).reshape(-1), return_counts=True)
         return packed_attention(q, k, v, lengths, softmax_scale=scale)
     if q_valid is not None:
-        count(f"{prefix}flash_attn_varlen{label}")
+        ATTENTION_CALLS.add(f"{prefix}flash_attn_varlen{label}")
         return padded_attention(q, k, v, q_valid, k_valid, softmax_scale=scale)
     if causal and sq < sk and sq <= DECODE_MAX_QUERIES and not needs_grad(q, k, v):
-        count(f"{prefix}flash_decode{label}")
+        ATTENTION_CALLS.add(f"{prefix}flash_decode{label}")
         if cache_seqlens is None:
             cache_seqlens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
         return flash_decode(q, k, v, cache_seqlens, softmax_scale=scale)
-    count(f"{prefix}flash_attn{label}")
+    ATTENTION_CALLS.add(f"{prefix}flash_attn{label}")
     return flash_attn(q, k, v, causal=causal, softmax_scale=scale)

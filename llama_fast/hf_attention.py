@@ -179,7 +179,7 @@ def _additive_mask(attention_mask, query, key, is_causal):
 def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     """``output_attentions=True``: the fused kernels never form the attention weights, so such
     calls run the model's own eager attention, which returns them (as transformers does)."""
-    router.count("eager: output_attentions")
+    ATTENTION_CALLS.add("eager: output_attentions")
     if "output_attentions" not in router._WARNED:
         router._WARNED.add("output_attentions")
         warnings.warn("llama_fast attention runs transformers' eager attention for output_attentions=True "

@@ -24,7 +24,6 @@ forward calls it. Nothing here imports transformers at import time.
 """
 from __future__ import annotations
 
-import collections
 import inspect
 import sys
 import warnings
@@ -32,18 +31,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from llama_fast.call_counts import CallCounts
 from llama_fast.nn import head_cross_entropy, is_plain_linear
 
 __all__ = ["LOSS_CALLS", "causal_lm_forward"]
 
-LOSS_CALLS: collections.Counter = collections.Counter()  # "fused" | "transformers: <why>" -> calls
+LOSS_CALLS = CallCounts()  # "fused" | "transformers: <why>" -> calls
 
 
-def _count(path: str) -> None:
-    # Not inside torch.compile (a traced count is a guard on a changing number: a recompile
-    # per call); a compiled graph's ops show which path it took.
-    if not torch.compiler.is_compiling():
-        LOSS_CALLS[path] += 1
 _WARNED: set[str] = set()
 _QUIET = ("eval mode", "no labels")  # the ordinary reasons to run HF's forward: no warning
 _NAMES: dict = {}  # HF's forward -> the names of its positional parameters
@@ -88,13 +83,13 @@ def causal_lm_forward(self, *args, fallback, **kwargs):
     named = _named_arguments(fallback, args, kwargs) if self.training else None
     why = _unserved(self, named)
     if why is not None:
-        _count(f"transformers: {why}")
+        LOSS_CALLS.add(f"transformers: {why}")
         if why not in _QUIET and why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"llama_fast: the loss of {type(self).__name__} runs Hugging Face's forward (with logits) "
                           f"for {why}", stacklevel=2)
         return fallback(self, *args, **kwargs)
-    _count("fused")
+    LOSS_CALLS.add("fused")
     return _fused_loss_forward(self, **named)
 
 

@@ -92,10 +92,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from llama_fast import hf_attention, hf_causal_lm, nn as lfnn
+from llama_fast.call_counts import CallCounts
 from llama_fast.attention_router import ATTENTION_CALLS, DECODE_MAX_QUERIES  # noqa: F401  (re-exported)
 from llama_fast.hf_attention import ATTN_IMPLEMENTATION
 from llama_fast.hf_causal_lm import LOSS_CALLS  # noqa: F401  (re-exported)
@@ -285,15 +285,8 @@ _ACTIVE = threading.local()  # _flag(function key) -> how many scoped forwards t
 _SCOPES: dict[str, "weakref.WeakSet[nn.Module]"] = collections.defaultdict(weakref.WeakSet)
 _DISPATCHERS: dict[str, object] = {}  # function key -> the dispatcher installed in its module (or class)
 # (function key, "llama_fast" | "original") -> calls; forward rules' keys are "module:Class.forward"
-FUNCTION_CALLS: collections.Counter = collections.Counter()
+FUNCTION_CALLS = CallCounts()
 _FORWARDS = "_llama_fast_forwards"  # an instance's __dict__ entry: the forward keys it is patched for
-
-
-def _count(key: str, which: str) -> None:
-    # Not inside torch.compile: a traced count is a guard on a changing number (a recompile
-    # per call); a compiled graph's ops show which function ran.
-    if not torch.compiler.is_compiling():
-        FUNCTION_CALLS[key, which] += 1
 
 
 def _flag(key: str) -> str:
@@ -320,18 +313,25 @@ def _install_function(rule: Rule) -> None:
     original, fused = current, rule.replacement
     flag = _flag(key)
 
-    @functools.wraps(original)
     def dispatcher(*args, **kwargs):
         if getattr(_ACTIVE, flag, 0) > 0:
-            _count(key, "llama_fast")
+            FUNCTION_CALLS.add((key, "llama_fast"))
             return fused(*args, fallback=original, **kwargs)
-        _count(key, "original")
+        FUNCTION_CALLS.add((key, "original"))
         return original(*args, **kwargs)
 
+    _put_dispatcher(key, module, name, original, dispatcher)
+
+
+def _put_dispatcher(key: str, owner, name: str, original, dispatcher) -> None:
+    """Install ``dispatcher`` as ``owner.name`` in place of ``original``; it keeps the
+    original's name and signature (generate() and Trainer inspect forward's) and remembers
+    what to put back."""
+    functools.update_wrapper(dispatcher, original)
     dispatcher.__llama_fast_original__ = original
-    dispatcher.__llama_fast_owner__ = (module, name)
+    dispatcher.__llama_fast_owner__ = (owner, name)
     _DISPATCHERS[key] = dispatcher
-    setattr(module, name, dispatcher)
+    setattr(owner, name, dispatcher)
 
 
 def _forward_key(rule: Rule) -> str:
@@ -348,18 +348,14 @@ def _install_forward(rule: Rule) -> None:
         return
     original, fused = current, rule.replacement
 
-    @functools.wraps(original)  # keeps the signature generate() and Trainer inspect
     def forward(self, *args, **kwargs):
         if key in self.__dict__.get(_FORWARDS, ()):
-            _count(key, "llama_fast")
+            FUNCTION_CALLS.add((key, "llama_fast"))
             return fused(self, *args, fallback=original, **kwargs)
-        _count(key, "original")
+        FUNCTION_CALLS.add((key, "original"))
         return original(self, *args, **kwargs)
 
-    forward.__llama_fast_original__ = original
-    forward.__llama_fast_owner__ = (cls, "forward")
-    _DISPATCHERS[key] = forward
-    cls.forward = forward
+    _put_dispatcher(key, cls, "forward", original, forward)
 
 
 def _maybe_uninstall_function(key: str) -> None:

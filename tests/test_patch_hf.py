@@ -591,42 +591,27 @@ def test_return_dict_false_and_positional_arguments(pair):
     assert lfp.LOSS_CALLS == {"fused": 2}
 
 
-def test_fused_loss_in_bfloat16(pair):
+@pytest.mark.parametrize("model_dtype, autocast, loss_tol", [(torch.bfloat16, False, 1e-2), (torch.float32, True, 2e-2)],
+                         ids=["bf16 model", "fp32 model under bf16 autocast"])
+def test_fused_loss_with_bfloat16(pair, model_dtype, autocast, loss_tol):
     """A bf16 model: HF upcasts the bf16 logits to float32 for the loss; the op computes in
-    float32 and rounds the loss to bf16 (then float32): equal within bf16 rounding, and the
-    gradients are bf16 as HF's are."""
-    ref, model = pair(torch.bfloat16)
+    float32 and rounds the loss to bf16 (then float32). Under CPU autocast the head's inputs
+    are cast to bfloat16 as F.linear's would be. Either way the same loss within bf16
+    rounding, and each Parameter's gradient in the Parameter's dtype, as HF's are."""
+    ref, model = pair(model_dtype)
     lfp.patch(model)
     ref.train(), model.train()
     ids = tokens(2, 8)
-    expected = ref(ids, labels=ids)
-    expected.loss.backward()
-    with llama_fast.backend("torch"):
-        out = model(ids, labels=ids)
-        out.loss.backward()
-    assert out.logits is None and out.loss.dtype == torch.float32
-    assert_close(out.loss, expected.loss, "bf16 loss", rtol=1e-2, atol=1e-2)
-    assert model.lm_head.weight.grad.dtype == torch.bfloat16
-    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "bf16 lm_head grad", rtol=5e-2, atol=5e-2)
-
-
-def test_autocast_bfloat16(pair):
-    """Under CPU autocast the head's inputs are cast to bfloat16 as F.linear would be: the
-    same loss within bfloat16 tolerance, float32 gradients for the float32 Parameters."""
-    ref, model = pair()
-    lfp.patch(model)
-    ref.train(), model.train()
-    ids = tokens(2, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         expected = ref(ids, labels=ids)
         with llama_fast.backend("torch"):
             out = model(ids, labels=ids)
     expected.loss.backward()
     out.loss.backward()
     assert out.logits is None and out.loss.dtype == torch.float32
-    assert_close(out.loss, expected.loss, "autocast loss", rtol=2e-2, atol=2e-2)
-    assert model.lm_head.weight.grad.dtype == torch.float32
-    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "autocast lm_head grad", rtol=5e-2, atol=5e-2)
+    assert_close(out.loss, expected.loss, "loss", rtol=loss_tol, atol=loss_tol)
+    assert model.lm_head.weight.grad.dtype == model_dtype
+    assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, "lm_head grad", rtol=5e-2, atol=5e-2)
 
 
 def test_unserved_loss_functions_run_hf_forward_with_a_warning(pair):
