@@ -11,6 +11,7 @@ fixture puts the package's own cuda backend back for a test."""
 import importlib.util
 import os
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -37,6 +38,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ.get("LLAMA_FAST_NO_EMULATOR", "0") in ("", "0"):
         EMULATOR_PATH = str(emulator_build_module().build())  # raises (loudly) when it fails
+
+# The kernels are tested in their static launch configurations (tests/test_autotune.py turns
+# the autotuner on where it is the subject), and no test reads or writes the user's cache.
+os.environ.setdefault("LLAMA_FAST_AUTOTUNE", "0")
+os.environ.setdefault("LLAMA_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="llama_fast-test-cache-"))
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,488 @@
+"""Run-time autotuning of the attention kernels' launch configurations, cached on disk.
+
+The launchers of ``flash_attn.py`` (forward, dK/dV, dQ) and ``flash_decode.py`` (the split
+kernel) ask ``choose(role, key, default, candidates, run_candidate)`` for the configuration
+to launch. The answer is, in this order:
+
+- the static ``default`` when tuning is off: ``LLAMA_FAST_AUTOTUNE=0``, inside
+  ``static_configs()``, off CUDA or under the Triton interpreter (the key is None), or when
+  the call has no candidate besides the default (float32, head dims other than 64 and 128);
+- the configuration remembered for ``key``: in this process (the memo), else in the cache
+  file of this GPU model and these llama_fast and triton versions. A hit times nothing, so
+  the launches are deterministic given the cache;
+- the default again while a CUDA graph is being captured or torch.compile is tracing
+  (nothing may be timed or synchronised there);
+- else the result of tuning: each candidate is compiled for the device without a launch
+  (Triton's warm-up compile) and dropped if it breaks a static check (see ``prune``); the
+  default and the survivors are timed with CUDA events (median of ``REPS`` after
+  ``WARMUP`` calls) on the caller's real inputs, writing into scratch outputs (the caller's
+  outputs are written once, afterwards, by the chosen configuration); the fastest wins if it
+  beats the default by more than ``MIN_GAIN``. The choice goes to the memo and the file.
+
+Keys are coarse so that a model pays the tuning once, not per sequence length: the role,
+the GPU's compute capability, dtype, head dim, causal, varlen and a length bucket (the next
+power of two of the longest sequence, clamped to [1K, 16K]); for decode the query-row tile
+(GQA group x new tokens), a batch bucket and a context bucket (the cache's capacity Smax,
+clamped to [1K, 128K]).
+
+The cache: JSON, one file per GPU model, llama_fast version and triton version, in
+``$LLAMA_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/llama_fast``, else ``~/.cache/llama_fast``.
+It also records a fingerprint of the attention kernels' sources: a file written by other
+kernels, or one that does not parse, is ignored with a warning and rewritten. Writes go to
+a temporary file renamed over the old one (``os.replace``), merged with what another process
+wrote meanwhile. A directory that cannot be written leaves the choices in the memo.
+
+This module imports no triton (the benchmarks import it before TRITON_INTERPRET is settled)
+and nothing of llama_fast (kernels sit below every other layer).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SWITCH = "LLAMA_FAST_AUTOTUNE"  # "0" (or false/off/no): the static defaults everywhere
+CACHE_DIR = "LLAMA_FAST_CACHE_DIR"
+FORMAT = 1  # of the cache file
+WARMUP = 2  # untimed calls per configuration before the timed ones
+REPS = 5  # timed calls per configuration: their median is its time
+# A candidate replaces the default only if it is faster by more than this: two
+# configurations within timing noise of each other keep the default.
+MIN_GAIN = 0.02
+LENGTH_BUCKETS = (1024, 16384)  # attention: next power of two of the longest sequence, clamped
+CONTEXT_BUCKETS = (1024, 131072)  # decode: of the cache's capacity
+BATCH_BUCKETS = (1, 64)  # decode: of the batch
+MMA_ROWS_PER_WARP = 16  # see prune()
+# The sources whose change makes a cache file stale (same llama_fast version, new kernels).
+SOURCES = ("flash_attn.py", "flash_decode.py", "_common.py", "_autotune.py")
+
+# Candidates per GPU class (flash_attn.gpu_class), role and head dim, besides the static
+# default (which is always timed too). Attention: (BLOCK_M, BLOCK_N, num_warps, num_stages),
+# BLOCK_M counting queries and BLOCK_N keys as in flash_attn.py. Few per kernel: each costs
+# a compile on the device. Shared memory and spills are checked on the compiled kernel,
+# so a candidate that does not fit a part of its class is dropped there, not here.
+_LARGE_SMEM = {  # hopper (sm_90) and blackwell (sm_100): 227 KiB per block
+    ("fwd", 64): ((128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
+    ("fwd", 128): ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+    ("dkdv", 64): ((64, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3)),
+    ("dkdv", 128): ((32, 128, 8, 1), (16, 128, 8, 2), (16, 64, 4, 2)),
+    ("dq", 64): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
+    ("dq", 128): ((64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2)),
+}
+_MID_SMEM = {  # ampere (sm_80): 163 KiB
+    ("fwd", 64): ((128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)),
+    ("fwd", 128): ((128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)),
+    ("dkdv", 64): ((16, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)),
+    ("dkdv", 128): ((16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2)),
+    ("dq", 64): ((64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)),
+    ("dq", 128): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+}
+_SMALL_SMEM = {  # consumer (sm_86, sm_89, sm_120): 99 KiB
+    ("fwd", 64): ((64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)),
+    ("fwd", 128): ((64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)),
+    ("dkdv", 64): ((16, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)),
+    ("dkdv", 128): ((16, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 1)),
+    ("dq", 64): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    ("dq", 128): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+}
+ATTENTION_CANDIDATES = {"hopper": _LARGE_SMEM, "blackwell": _LARGE_SMEM, "ampere": _MID_SMEM, "consumer": _SMALL_SMEM}
+# flash_decode's split kernel, any class: (BLOCK_N, num_warps, num_stages); its BLOCK_M and
+# BLOCK_D stay the launcher's (they follow from the GQA group and the head dim). Decode is
+# bound by memory bandwidth: what varies is the bytes in flight per program.
+DECODE_CANDIDATES = {
+    64: ((64, 4, 2), (256, 4, 2), (128, 4, 3)),
+    128: ((32, 4, 2), (128, 4, 2), (64, 4, 3)),
+}
+TUNED_DTYPES = (torch.float16, torch.bfloat16)
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+GpuIdentity = collections.namedtuple("GpuIdentity", "arch name smem_optin")
+KernelStats = collections.namedtuple("KernelStats", "shared registers spills")
+
+
+# ---------------------------------------------------------------------------------------
+# when tuning is on, and the keys
+
+
+def _switch_on() -> bool:
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_static_depth = 0  # > 0 inside static_configs()
+
+
+@contextlib.contextmanager
+def static_configs():
+    """Inside this block every launcher runs its static default (as LLAMA_FAST_AUTOTUNE=0):
+    for measuring the defaults against the tuned choices in one process."""
+    global _static_depth
+    _static_depth += 1
+    try:
+        yield
+    finally:
+        _static_depth -= 1
+
+
+def tuning_allowed() -> bool:
+    return _static_depth == 0 and _switch_on()
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_identity(index: int) -> GpuIdentity:
+    p = torch.cuda.get_device_properties(index)
+    return GpuIdentity(p.major * 10 + p.minor, p.name, p.shared_memory_per_block_optin)
+
+
+def gpu_identity(device: torch.device) -> GpuIdentity | None:
+    """Compute capability, name and per-block shared memory of a CUDA device; None off CUDA
+    and under the Triton interpreter: never tuned there."""
+    if device.type != "cuda" or _interpreter_on():
+        return None
+    return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _bucket(n: int, bounds: tuple[int, int]) -> int:
+    lo, hi = bounds
+    return min(max(1 << max(0, int(n) - 1).bit_length(), lo), hi)
+
+
+@functools.total_ordering
+class TuneKey:
+    """What a tuned choice is remembered by: the GPU (name: the cache file; compute
+    capability) and the role's coarse shape fields, as one readable text."""
+
+    def __init__(self, role: str, gpu: GpuIdentity, fields: tuple[str, ...]):
+        self.role, self.gpu = role, gpu
+        self.text = " ".join((role, f"sm{gpu.arch}", *fields))
+
+    def __eq__(self, other):
+        return isinstance(other, TuneKey) and (self.gpu.name, self.text) == (other.gpu.name, other.text)
+
+    def __lt__(self, other):
+        return (self.gpu.name, self.text) < (other.gpu.name, other.text)
+
+    def __hash__(self):
+        return hash((self.gpu.name, self.text))
+
+    def __repr__(self):
+        return f"TuneKey({self.text!r} on {self.gpu.name!r})"
+
+
+def attention_key(role: str, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, varlen: bool,
+                  max_seqlen: int) -> TuneKey | None:
+    """The key of an attention launch (role fwd, dkdv or dq); None where tuning is off."""
+    gpu = gpu_identity(device) if tuning_allowed() else None
+    if gpu is None:
+        return None
+    return TuneKey(role, gpu, (DTYPE_NAMES.get(dtype, str(dtype)), f"d{head_dim}", "causal" if causal else "full",
+                               "varlen" if varlen else "dense", f"S{_bucket(max_seqlen, LENGTH_BUCKETS)}"))
+
+
+def decode_key(device: torch.device, dtype: torch.dtype, head_dim: int, group: int, q_len: int, batch: int,
+               context: int) -> TuneKey | None:
+    """The key of a decode launch: the rows of a program (GQA group x new tokens), batch and
+    cache capacity buckets; None where tuning is off."""
+    gpu = gpu_identity(device) if tuning_allowed() else None
+    if gpu is None:
+        return None
+    return TuneKey("decode", gpu, (DTYPE_NAMES.get(dtype, str(dtype)), f"d{head_dim}", f"g{group}", f"q{q_len}",
+                                   f"B{_bucket(batch, BATCH_BUCKETS)}", f"L{_bucket(context, CONTEXT_BUCKETS)}"))
+
+
+def candidates(role: str, head_dim: int, dtype: torch.dtype, gpu_class: str = "hopper") -> list[dict]:
+    """The alternatives to the default for one launch: config overrides, merged by ``choose``
+    onto the default (decode's keep the default's BLOCK_M and BLOCK_D)."""
+    if dtype not in TUNED_DTYPES:
+        return []
+    if role == "decode":
+        return [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in DECODE_CANDIDATES.get(head_dim, ())]
+    table = ATTENTION_CANDIDATES.get(gpu_class, {})
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in table.get((role, head_dim), ())]
+
+
+def label(cfg: dict) -> str:
+    return f"M{cfg.get('BLOCK_M')} N{cfg.get('BLOCK_N')} w{cfg.get('num_warps')} s{cfg.get('num_stages')}"
+
+
+# ---------------------------------------------------------------------------------------
+# pruning and timing
+
+
+def mma_rows(role: str, cfg: dict) -> int | None:
+    """Rows of the M dimension of the role's tensor-core products: queries for the forward
+    and dQ, keys for dK/dV (all four of its products, S^T = K Q^T first, have keys as rows)."""
+    return {"fwd": cfg.get("BLOCK_M"), "dq": cfg.get("BLOCK_M"), "dkdv": cfg.get("BLOCK_N")}.get(role)
+
+
+def static_reason(role: str, cfg: dict) -> str | None:
+    """Why a candidate is not worth compiling, from its numbers alone: fewer than 16 MMA rows
+    per warp means warps (a wgmma warpgroup owns 64 rows, an mma.sync warp 16) repeat each
+    other's products -- the compile check measured work 1.50 for 64 keys on 8 warps of
+    dK/dV. Decode's 16-row tiles are bandwidth-bound and exempt."""
+    rows = mma_rows(role, cfg)
+    if rows is not None and rows < MMA_ROWS_PER_WARP * cfg["num_warps"]:
+        return f"duplicated work: {rows} MMA rows on {cfg['num_warps']} warps"
+    return None
+
+
+def kernel_stats(compiled) -> KernelStats | None:
+    """Shared memory, registers and spilled bytes of a compiled Triton kernel (loading it on
+    the device, which raises OutOfResources when it does not fit); None without one (the
+    interpreter compiles nothing)."""
+    if compiled is None:
+        return None
+    if hasattr(compiled, "result"):  # an asynchronous compile
+        compiled = compiled.result()
+    if getattr(compiled, "n_spills", None) is None and hasattr(compiled, "_init_handles"):
+        compiled._init_handles()
+    return KernelStats(int(compiled.metadata.shared), compiled.n_regs, compiled.n_spills)
+
+
+def compiled_reason(stats: KernelStats | None, gpu: GpuIdentity) -> str | None:
+    """Why a compiled candidate is not timed: it needs more shared memory than a block may
+    have, or it spills registers to local memory."""
+    if stats is None:
+        return None
+    if stats.shared > gpu.smem_optin:
+        return f"does not fit: {stats.shared} B of shared memory > {gpu.smem_optin}"
+    if stats.spills:
+        return f"spills {stats.spills} bytes ({stats.registers} registers)"
+    return None
+
+
+def cuda_timer(call: Callable[[], object], cfg: dict | None = None, warmup: int = WARMUP, reps: int = REPS) -> float:
+    """Median milliseconds of ``call`` (which launches ``cfg``) on the current CUDA stream:
+    CUDA events around each of ``reps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+timer = cuda_timer  # what choose() times with: timer(call, cfg) -> ms (the tests put a fake here)
+
+
+def _capturing_or_compiling() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def on_scratch(launch: Callable, *outputs: torch.Tensor) -> Callable:
+    """``run_candidate(cfg, warmup=False)`` for ``choose``: ``launch(cfg, *scratch,
+    warmup=warmup)`` into tensors shaped as ``outputs``, allocated on first use (only when
+    tuning), so candidates never write the caller's outputs."""
+    scratch: list = []
+
+    def run_candidate(cfg: dict, warmup: bool = False):
+        if not scratch:
+            scratch.extend(torch.empty_like(t) for t in outputs)
+        return launch(cfg, *scratch, warmup=warmup)
+
+    return run_candidate
+
+
+# ---------------------------------------------------------------------------------------
+# the memo and the cache file
+
+_memo: dict = {}  # TuneKey -> config
+_file_entries: dict = {}  # cache file -> {key text: entry}, as read
+_history: list = []  # one record per key resolved in this process (tuned, or read from the cache)
+_write_failed: set = set()
+
+
+def reset() -> None:
+    """Forget what this process knows (memo, files read, history): the next lookup reads
+    the cache file again."""
+    _memo.clear()
+    _file_entries.clear()
+    _history.clear()
+    _write_failed.clear()
+
+
+def history() -> list[dict]:
+    """What was resolved in this process, in order: key, role, source ("tuned" or "cache"),
+    the chosen and default configs, the times and the dropped candidates (when tuned)."""
+    return [dict(r) for r in _history]
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR):
+        return Path(os.environ[CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llama_fast"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def cache_path(gpu_name: str) -> Path:
+    """The cache file of one GPU model under the installed llama_fast and triton versions."""
+    return cache_dir() / f"autotune-{_slug(gpu_name)}-llama_fast-{_version('llama_fast')}-triton-{_version('triton')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_fingerprint() -> str:
+    """A hash of the attention kernels' sources and this file: a cache written by other
+    kernels (same version numbers, edited code) is stale."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _header(gpu_name: str) -> dict:
+    return {"format": FORMAT, "gpu": gpu_name, "llama_fast": _version("llama_fast"), "triton": _version("triton"),
+            "kernels": kernels_fingerprint()}
+
+
+def _read(path: Path, gpu_name: str) -> tuple[dict, str | None]:
+    """(entries, why the file was ignored or None); a missing file is simply empty."""
+    if not path.exists():
+        return {}, None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+        return {}, "not an autotune cache"
+    want = _header(gpu_name)
+    stale = [k for k, v in want.items() if doc.get(k) != v]
+    if stale:
+        return {}, "written for another " + ", ".join(f"{k} ({doc.get(k)!r}, here {want[k]!r})" for k in stale)
+    return doc["entries"], None
+
+
+def _load(path: Path, gpu_name: str) -> dict:
+    entries, why = _read(path, gpu_name)
+    if why:
+        warnings.warn(f"llama_fast autotune: ignoring {path}: {why}; it will be rewritten", RuntimeWarning, stacklevel=3)
+    return entries
+
+
+def _file(path: Path, gpu_name: str) -> dict:
+    """The entries of a cache file, read once per process (``reset`` reads it again)."""
+    if path not in _file_entries:
+        _file_entries[path] = {text: entry for text, entry in _load(path, gpu_name).items()
+                               if isinstance(entry, dict) and isinstance(entry.get("config"), dict)}
+    return _file_entries[path]
+
+
+def _lookup(key: TuneKey, allowed: list[dict]) -> dict | None:
+    if key in _memo and _memo[key] in allowed:
+        return _memo[key]
+    entry = _file(cache_path(key.gpu.name), key.gpu.name).get(key.text)
+    if entry is None or entry["config"] not in allowed:  # a config no longer offered is tuned again
+        return None
+    _memo[key] = dict(entry["config"])
+    _history.append({"key": key.text, "role": key.role, "gpu": key.gpu.name, "source": "cache",
+                     "config": dict(entry["config"]), "default": entry.get("default")})
+    return _memo[key]
+
+
+def _store(key: TuneKey, entry: dict) -> None:
+    """Add one entry to the GPU's cache file: read what is there now (another process may
+    have written since), merge, write a temporary file and rename it over the old one."""
+    path = cache_path(key.gpu.name)
+    _file(path, key.gpu.name)[key.text] = entry
+    if path in _write_failed:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries, _ = _read(path, key.gpu.name)
+        entries[key.text] = entry
+        doc = dict(_header(key.gpu.name), entries=dict(sorted(entries.items())))
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False) as tmp:
+            json.dump(doc, tmp, indent=1)
+            tmp.write("\n")
+        os.replace(tmp.name, path)
+    except OSError as exc:
+        _write_failed.add(path)
+        warnings.warn(f"llama_fast autotune: cannot write {path} ({exc}); tuned configurations are kept in this "
+                      "process only", RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# the choice
+
+
+def choose(role: str, key: TuneKey | None, default: dict, alternatives: list[dict],
+           run_candidate: Callable[..., object]) -> dict:
+    """The configuration to launch ``role`` with (see the module docstring).
+
+    ``alternatives`` (from ``candidates``) are merged onto ``default``; ``run_candidate(cfg,
+    warmup=False)`` launches the kernel with ``cfg`` into scratch outputs and returns what
+    Triton returns (the compiled kernel; with ``warmup=True`` it compiles without launching).
+    """
+    if key is None or not alternatives:
+        return default
+    configs = [dict(default)]
+    for alt in alternatives:
+        cfg = dict(default, **alt)
+        if cfg not in configs:
+            configs.append(cfg)
+    if len(configs) == 1:
+        return default
+    hit = _lookup(key, configs)
+    if hit is not None:
+        return dict(hit)
+    if _capturing_or_compiling():
+        return default
+    start = time.monotonic()
+    times, dropped = {}, {}
+    for i, cfg in enumerate(configs):
+        name = label(cfg)
+        why = None if i == 0 else static_reason(role, cfg)  # the default runs regardless: it is always timed
+        if why is None:
+            try:
+                why = None if i == 0 else compiled_reason(kernel_stats(run_candidate(cfg, warmup=True)), key.gpu)
+                if why is None:
+                    times[name] = timer(lambda cfg=cfg: run_candidate(cfg), cfg)
+            except Exception as exc:  # OutOfResources, a compile error: the candidate is dropped, never the call
+                why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if why is not None:
+            dropped[name] = why
+    chosen = dict(default)
+    base = times.get(label(default))
+    if times:
+        best = min(times, key=times.get)
+        if base is None or times[best] < base * (1 - MIN_GAIN):
+            chosen = next(c for c in configs if label(c) == best)
+    entry = {"config": chosen, "default": dict(default), "ms": times, "dropped": dropped,
+             "seconds": round(time.monotonic() - start, 3)}
+    _memo[key] = dict(chosen)
+    _history.append({"key": key.text, "role": role, "gpu": key.gpu.name, "source": "tuned", **entry})
+    _store(key, entry)
+    return dict(chosen)
