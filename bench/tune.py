@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from llama_fast.kernels import _autotune  # imports no triton
+
 # (role, head dim) -> candidate configurations as (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # BLOCK_M counts queries, BLOCK_N keys. The current configuration is always measured
 # first, as the baseline. Pruned with --compile-only 90: no candidate spills heavily there.
@@ -308,7 +310,10 @@ def main(argv=None) -> int:
             shapes = {"train": (1, 272, 2, 1), "decode": (2, 300, DECODE_GROUP, 1)}
         else:
             shapes = {"train": (2, args.seqlen, 32, 8), "decode": (8, args.decode_context, 32, 8)}
-        rows = tune(head_dims, roles, shapes, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log)
+        # override() puts each candidate in the static configuration's place: the run-time
+        # autotuner (kernels/_autotune.py) must not replace it with its own choice.
+        with _autotune.static_configs():
+            rows = tune(head_dims, roles, shapes, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         train, dec = shapes["train"], shapes["decode"]
         header = (f"# Attention candidates on {name} (bf16; fwd/dkdv/dq: causal, batch {train[0]} x {train[1]} tokens, "
