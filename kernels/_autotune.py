@@ -32,6 +32,64 @@ kernels, or one that does not parse, is ignored with a warning and rewritten. Wr
 a temporary file renamed over the old one (``os.replace``), merged with what another process
 wrote meanwhile. A directory that cannot be written leaves the choices in the memo.
 
+Compiled evidence for the candidate tables (Triton 3.6, ``llama_fast.tools.compile_check``'s
+compile of each configuration as the launcher specialises it; bf16, causal, fixed length; decode
+with splits, GQA 4 x 1 token). Per configuration (BLOCK_M/BLOCK_N/warps/stages, * the static
+default): shared memory, registers, spilled bytes if any, blocks per SM; the tensor-core work
+ratio is 1.00 for every one listed. Candidates dropped from the tables on this evidence: on
+sm_90, dK/dV 32x128/w8/s1 (spills 36) and 16x64/w4/s2 (28) at head dim 128, 64x128/w8/s2 (4)
+at 64; on sm_80 and sm_86, every dK/dV tile tried at head dim 128 but 16x32 on 2 warps (16x64
+on 4 warps: work 1.50; the others spill 16-304 bytes), dK/dV 32x64 and 64x64 at 64 (16-360), dQ
+64x64 at either head dim (8-40), dQ 128x32/w8/s2 at 128 (48-56), the forward 128x64/w8/s2 at
+128 on sm_80 (16), and on sm_86 dQ 64x32/w4/s2 and 32x32/w2/s3 at 64 (4). The static defaults
+are listed as they are (some spill on sm_80/86): the default is always timed.
+
+- sm_90 fwd 64: M128/N64/w8/s3* 64K 126r 2b, M128/N128/w8/s3 112K 238r 1b, M128/N64/w4/s4 80K 241r 2b,
+  M64/N64/w4/s4 72K 128r 3b
+- sm_90 fwd 128: M128/N128/w8/s2* 160K 255r 1b, M128/N64/w8/s3 128K 186r 1b, M128/N64/w8/s2 96K 198r 1b,
+  M64/N64/w4/s3 112K 224r 2b
+- sm_90 dkdv 64: M32/N128/w8/s2* 48K 241r 1b, M16/N128/w8/s2 40K 214r 1b, M32/N128/w8/s1 40K 165r 1b,
+  M16/N64/w4/s2 24K 180r 2b
+- sm_90 dkdv 128: M16/N128/w8/s1* 72K 233r 1b, M16/N128/w8/s2 80K 254r 1b, M16/N128/w8/s3 88K 255r 1b,
+  M16/N64/w4/s1 40K 254r 2b
+- sm_90 dq 64: M64/N64/w4/s2* 48K 168r 3b, M64/N64/w4/s3 64K 164r 3b, M128/N64/w8/s3 80K 163r 1b,
+  M128/N32/w8/s3 56K 110r 2b
+- sm_90 dq 128: M64/N64/w4/s2* 96K 230r 2b, M64/N32/w4/s3 80K 156r 2b, M128/N64/w8/s2 128K 216r 1b,
+  M128/N32/w8/s2 96K 128r 2b
+- sm_90 decode 64: M16/N128/w4/s2* 38K 137r 3b, M16/N64/w4/s2 20K 88r 5b, M16/N256/w4/s2 74K 184r 2b,
+  M16/N128/w4/s3 70K 128r 3b
+- sm_90 decode 128: M16/N64/w4/s2* 38K 128r 4b, M16/N32/w4/s2 21K 80r 6b, M16/N128/w4/s2 72K 255r 2b,
+  M16/N64/w4/s3 70K 128r 3b
+- sm_80 fwd 64: M128/N64/w8/s3* 48K 184r 1b, M128/N128/w8/s2 48K 255r 1b, M64/N64/w4/s3 40K 189r 2b,
+  M128/N32/w4/s3 32K 196r 2b
+- sm_80 fwd 128: M128/N64/w8/s3* 96K 255r spills 12 1b, M64/N64/w4/s3 88K 255r 1b, M128/N32/w8/s3 64K
+  200r 1b, M64/N32/w4/s3 52K 212r 2b
+- sm_80 dkdv 64: M32/N128/w8/s2* 44K 255r spills 56 1b, M16/N128/w8/s2 38K 255r 1b, M16/N64/w4/s2 22K
+  255r 2b, M16/N128/w8/s1 38K 206r 1b
+- sm_80 dkdv 128: M16/N128/w8/s1* 76K 255r spills 8 1b, M16/N32/w2/s1 28K 255r 4b
+- sm_80 dq 64: M64/N32/w4/s3* 30K 226r 2b, M128/N32/w8/s2 44K 216r 1b, M64/N32/w4/s2 26K 220r 2b,
+  M32/N32/w2/s3 21K 168r 6b
+- sm_80 dq 128: M64/N32/w4/s3* 58K 225r 2b, M64/N32/w4/s2 50K 217r 2b, M32/N32/w2/s3 42K 245r 3b,
+  M64/N32/w4/s4 66K 226r 2b
+- sm_80 decode 64: M16/N128/w4/s2* 38K 128r 4b, M16/N64/w4/s2 20K 80r 6b, M16/N256/w4/s2 74K 255r 2b,
+  M16/N128/w4/s3 70K 137r 2b
+- sm_80 decode 128: M16/N64/w4/s2* 38K 128r 4b, M16/N32/w4/s2 21K 96r 5b, M16/N128/w4/s2 72K 168r 2b,
+  M16/N64/w4/s3 70K 128r 2b
+- sm_86 fwd 64: M128/N64/w8/s3* 48K 158r 1b, M64/N64/w4/s3 40K 187r 2b, M128/N32/w8/s3 32K 128r 2b,
+  M128/N64/w8/s2 32K 173r 1b
+- sm_86 fwd 128: M128/N32/w8/s2* 48K 196r 1b, M64/N64/w4/s2 56K 255r 1b, M64/N32/w4/s3 52K 178r 1b,
+  M128/N32/w8/s3 64K 194r 1b
+- sm_86 dkdv 64: M32/N128/w8/s2* 44K 255r spills 12 1b, M16/N128/w8/s2 38K 255r 1b, M16/N64/w4/s2 22K
+  255r 2b, M16/N128/w8/s1 38K 206r 1b
+- sm_86 dkdv 128: M16/N128/w8/s1* 76K 255r spills 12 1b, M16/N32/w2/s1 28K 245r 3b
+- sm_86 dq 64: M64/N32/w4/s3* 30K 186r 2b, M128/N32/w8/s2 44K 216r 1b
+- sm_86 dq 128: M64/N32/w4/s3* 58K 219r 1b, M64/N32/w4/s2 50K 209r 1b, M32/N32/w2/s3 42K 243r 2b,
+  M64/N32/w4/s4 66K 220r 1b
+- sm_86 decode 64: M16/N128/w4/s2* 38K 138r 2b, M16/N64/w4/s2 20K 80r 4b, M16/N256/w4/s2 74K 180r 1b,
+  M16/N128/w4/s3 70K 137r 1b
+- sm_86 decode 128: M16/N64/w4/s2* 38K 128r 2b, M16/N32/w4/s2 21K 80r 4b, M16/N128/w4/s2 72K 168r 1b,
+  M16/N64/w4/s3 70K 128r 1b
+
 This module imports no triton (the benchmarks import it before TRITON_INTERPRET is settled)
 and nothing of llama_fast (kernels sit below every other layer).
 """
@@ -72,31 +130,32 @@ SOURCES = ("flash_attn.py", "flash_decode.py", "_common.py", "_autotune.py")
 # Candidates per GPU class (flash_attn.gpu_class), role and head dim, besides the static
 # default (which is always timed too). Attention: (BLOCK_M, BLOCK_N, num_warps, num_stages),
 # BLOCK_M counting queries and BLOCK_N keys as in flash_attn.py. Few per kernel: each costs
-# a compile on the device. Shared memory and spills are checked on the compiled kernel,
-# so a candidate that does not fit a part of its class is dropped there, not here.
+# a compile on the device. Every one compiles, bf16 causal fixed-length, with no spills and
+# a tensor-core work ratio of 1.00 for its class's first arch (sm_90, sm_80, sm_86; see
+# "Compiled evidence" below); other archs, dtypes and varlen are checked on the device.
 _LARGE_SMEM = {  # hopper (sm_90) and blackwell (sm_100): 227 KiB per block
     ("fwd", 64): ((128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
-    ("fwd", 128): ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
-    ("dkdv", 64): ((64, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3)),
-    ("dkdv", 128): ((32, 128, 8, 1), (16, 128, 8, 2), (16, 64, 4, 2)),
+    ("fwd", 128): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+    ("dkdv", 64): ((16, 128, 8, 2), (32, 128, 8, 1), (16, 64, 4, 2)),
+    ("dkdv", 128): ((16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 4, 1)),
     ("dq", 64): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
     ("dq", 128): ((64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2)),
 }
 _MID_SMEM = {  # ampere (sm_80): 163 KiB
     ("fwd", 64): ((128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)),
-    ("fwd", 128): ((128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)),
-    ("dkdv", 64): ((16, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)),
-    ("dkdv", 128): ((16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2)),
-    ("dq", 64): ((64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)),
-    ("dq", 128): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    ("fwd", 128): ((64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
+    ("dkdv", 64): ((16, 128, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1)),
+    ("dkdv", 128): ((16, 32, 2, 1),),
+    ("dq", 64): ((128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 2, 3)),
+    ("dq", 128): ((64, 32, 4, 2), (32, 32, 2, 3), (64, 32, 4, 4)),
 }
 _SMALL_SMEM = {  # consumer (sm_86, sm_89, sm_120): 99 KiB
     ("fwd", 64): ((64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)),
     ("fwd", 128): ((64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)),
-    ("dkdv", 64): ((16, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)),
-    ("dkdv", 128): ((16, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 1)),
-    ("dq", 64): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
-    ("dq", 128): ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    ("dkdv", 64): ((16, 128, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1)),
+    ("dkdv", 128): ((16, 32, 2, 1),),
+    ("dq", 64): ((128, 32, 8, 2),),
+    ("dq", 128): ((64, 32, 4, 2), (32, 32, 2, 3), (64, 32, 4, 4)),
 }
 ATTENTION_CANDIDATES = {"hopper": _LARGE_SMEM, "blackwell": _LARGE_SMEM, "ampere": _MID_SMEM, "consumer": _SMALL_SMEM}
 # flash_decode's split kernel, any class: (BLOCK_N, num_warps, num_stages); its BLOCK_M and
@@ -163,7 +222,6 @@ def _bucket(n: int, bounds: tuple[int, int]) -> int:
     return min(max(1 << max(0, int(n) - 1).bit_length(), lo), hi)
 
 
-@functools.total_ordering
 class TuneKey:
     """What a tuned choice is remembered by: the GPU (name: the cache file; compute
     capability) and the role's coarse shape fields, as one readable text."""
@@ -174,9 +232,6 @@ class TuneKey:
 
     def __eq__(self, other):
         return isinstance(other, TuneKey) and (self.gpu.name, self.text) == (other.gpu.name, other.text)
-
-    def __lt__(self, other):
-        return (self.gpu.name, self.text) < (other.gpu.name, other.text)
 
     def __hash__(self):
         return hash((self.gpu.name, self.text))
@@ -235,7 +290,9 @@ def static_reason(role: str, cfg: dict) -> str | None:
     """Why a candidate is not worth compiling, from its numbers alone: fewer than 16 MMA rows
     per warp means warps (a wgmma warpgroup owns 64 rows, an mma.sync warp 16) repeat each
     other's products -- the compile check measured work 1.50 for 64 keys on 8 warps of
-    dK/dV. Decode's 16-row tiles are bandwidth-bound and exempt."""
+    dK/dV on sm_90. Necessary, not sufficient: on the mma.sync archs 64 keys x 16 queries on
+    4 warps measured 1.50 as well, so the tables leave such tiles out. Decode's 16-row
+    tiles are bandwidth-bound and exempt."""
     rows = mma_rows(role, cfg)
     if rows is not None and rows < MMA_ROWS_PER_WARP * cfg["num_warps"]:
         return f"duplicated work: {rows} MMA rows on {cfg['num_warps']} warps"
@@ -336,6 +393,7 @@ def cache_dir() -> Path:
     return Path(base) / "llama_fast"
 
 
+@functools.lru_cache(maxsize=None)
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
