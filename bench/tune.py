@@ -3,7 +3,7 @@
 
     python -m llama_fast.bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq,decode] [--seqlen 4096]
                          [--decode-context 8192] [--out FILE.json] [--budget-s S]
-                         [--compile-only ARCH] [--smoke]
+                         [--compile-only ARCH [--autotuner]] [--smoke]
 
 The block sizes, warps and stages of ``kernels/flash_attn.py`` (``forward_config``,
 ``backward_configs``) and of ``kernels/flash_decode.py`` (``launch_config``) were chosen
@@ -21,6 +21,8 @@ configuration functions to a winner is a decision for whoever reads it.
 --compile-only 90 (or 80) needs no GPU: it compiles every candidate for that architecture
 (as llama_fast.tools.compile_check does) and reports shared memory, registers and spills, so
 that candidates that cannot launch or spill heavily are dropped before GPU time is spent.
+With --autotuner it compiles the Hopper candidates of the run-time autotuner
+(kernels/_autotune.py) instead; the tests hold that none spills or repeats MMA work on sm_90.
 --smoke runs the correctness part at tiny shapes (on a CPU under TRITON_INTERPRET=1): every
 candidate must compute what the current configuration computes.
 """
@@ -114,9 +116,15 @@ def override(role: str, cfg: dict):
         fa.forward_config, fa.backward_configs, fd.launch_config = saved
 
 
-def configs_to_try(role: str, head_dim: int, baseline: dict) -> list[dict]:
-    """The current configuration first, then each candidate that differs from it."""
-    return [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]
+def configs_to_try(role: str, head_dim: int, baseline: dict, autotuner: bool = False) -> list[dict]:
+    """The current configuration first, then each candidate that differs from it; with
+    ``autotuner``, the run-time autotuner's Hopper candidates (kernels/_autotune.py) instead
+    of CANDIDATES."""
+    if autotuner:
+        found = [dict(baseline, **c) for c in _autotune.candidates(role, head_dim, torch.bfloat16, "hopper")]
+    else:
+        found = CANDIDATES.get((role, head_dim), [])
+    return [baseline] + [c for c in found if c != baseline]
 
 
 def _label(cfg: dict) -> str:
@@ -213,7 +221,7 @@ def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[
 # without a GPU: compile every candidate for one architecture
 
 
-def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
+def compile_candidates(arch: int, head_dims, roles, log, autotuner: bool = False) -> list[dict]:
     """Each candidate compiled as llama_fast.tools.compile_check compiles a launch (bf16; causal
     fixed-length attention; decode with splits); shared memory, registers and spills."""
     import llama_fast.tools.compile_check as cc
@@ -223,12 +231,12 @@ def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
         for head_dim in head_dims:
             for role in roles:
                 baseline = current_config(role, head_dim)
-                for cfg in configs_to_try(role, head_dim, baseline):
+                for cfg in configs_to_try(role, head_dim, baseline, autotuner):
                     with override(role, cfg):
                         r = cc.compile_config(*_launch_config(cc, role, head_dim), arch)
                     rows.append(dict(role=role, head_dim=head_dim, config=cfg, label=_label(cfg),
                                      current=cfg == baseline, **{k: r[k] for k in (
-                                         "shared", "registers", "spill_stores", "spill_loads", "tensor_cores", "error")}))
+                                         "shared", "registers", "spill_stores", "spill_loads", "tensor_cores", "work_ratio", "error")}))
                     log(f"{role} D={head_dim} {rows[-1]['label']}: " + (r["error"] or (
                         f"smem {r['shared']} regs {r['registers']} spills {r['spill_stores']}/{r['spill_loads']} "
                         f"{r['tensor_cores']}")))
@@ -287,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0, help="candidates left when it runs out are skipped")
     p.add_argument("--compile-only", type=int, metavar="ARCH", help="compile for this arch (80, 90); no GPU needed")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: the correctness part, on any device")
+    p.add_argument("--autotuner", action="store_true",
+                   help="with --compile-only: the run-time autotuner's Hopper candidates (kernels/_autotune.py)")
     args = p.parse_args(argv)
     head_dims = [int(d) for d in args.head_dims.split(",")]
     roles = [r for r in args.roles.split(",") if r]
@@ -299,7 +309,7 @@ def main(argv=None) -> int:
         print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     if args.compile_only:
-        rows = compile_candidates(args.compile_only, head_dims, roles, log)
+        rows = compile_candidates(args.compile_only, head_dims, roles, log, args.autotuner)
         header = f"# Attention candidates compiled for sm_{args.compile_only} (bf16, causal)"
         failed = any(r["error"] for r in rows)
     else:
