@@ -206,6 +206,20 @@ def test_the_file_name_names_the_gpu_and_the_versions(tuner):
                     f"-triton-{importlib.metadata.version('triton')}.json")
 
 
+def test_info_reports_the_switch_and_the_cache(tuner, monkeypatch):
+    import llama_fast
+    from llama_fast.info import summary
+
+    tuner.gpu()
+    tuner.times({})
+    at.choose("fwd", fwd_key(), DEFAULT, [alt(64, 64, 4, 3)], lambda cfg, warmup=False: compiled())
+    report = llama_fast.info()["autotune"]
+    assert report == {"enabled": True, "cache_dir": str(at.cache_dir()), "cache_files": [at.cache_path(FAKE_GPU.name).name]}
+    assert "autotuning: on, on CUDA GPUs (LLAMA_FAST_AUTOTUNE=0: off); cache" in summary()
+    monkeypatch.setenv("LLAMA_FAST_AUTOTUNE", "0")
+    assert llama_fast.info()["autotune"]["enabled"] is False
+
+
 def test_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path / "x"))
     assert at.cache_dir() == tmp_path / "x"
