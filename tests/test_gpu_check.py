@@ -253,10 +253,9 @@ def test_carried_wheels_are_installed_and_put_on_the_path(tmp_path, monkeypatch)
 def test_json_records_the_autotuner(smoke_run):
     _, out = smoke_run
     history = json.loads((out / "gpu_check.json").read_text())["steps"]["bench"]["autotune"]
-    if not torch.cuda.is_available():
-        assert history == []  # never on the CPU
-    else:
-        assert {r["key"].split()[0] for r in history} >= {"fwd", "dkdv", "dq"}
+    # Never on the CPU; on a GPU the smoke shapes' head dim 16 has no candidates either (the
+    # records' contents are test_summary_reports_the_tuned_configs_against_the_static_ones's).
+    assert history == []
 
 
 def test_summary_reports_the_tuned_configs_against_the_static_ones():
