@@ -349,15 +349,21 @@ def _capturing_or_compiling() -> bool:
 
 
 def on_scratch(launch: Callable, *outputs: torch.Tensor) -> Callable:
-    """``run_candidate(cfg, warmup=False)`` for ``choose``: ``launch(cfg, *scratch,
-    warmup=warmup)`` into tensors shaped as ``outputs``, allocated on first use (only when
-    tuning), so candidates never write the caller's outputs."""
+    """``run_candidate`` for ``choose``, from ``launch(cfg, *outputs, warmup=False)`` (which
+    returns what Triton's ``run`` returns): it launches into tensors shaped as ``outputs``,
+    allocated on first use (only when tuning), so candidates never write the caller's
+    outputs; with ``warmup=True`` it compiles without launching and returns the compiled
+    kernel's ``kernel_stats``, read on the outputs' device (a kernel is loaded per device)."""
     scratch: list = []
+    device = outputs[0].device
 
     def run_candidate(cfg: dict, warmup: bool = False):
         if not scratch:
             scratch.extend(torch.empty_like(t) for t in outputs)
-        return launch(cfg, *scratch, warmup=warmup)
+        if not warmup:
+            return launch(cfg, *scratch)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return kernel_stats(launch(cfg, *scratch, warmup=True))
 
     return run_candidate
 
@@ -500,9 +506,10 @@ def choose(role: str, key: TuneKey | None, default: dict, alternatives: list[dic
            run_candidate: Callable[..., object]) -> dict:
     """The configuration to launch ``role`` with (see the module docstring).
 
-    ``alternatives`` (from ``candidates``) are merged onto ``default``; ``run_candidate(cfg,
-    warmup=False)`` launches the kernel with ``cfg`` into scratch outputs and returns what
-    Triton returns (the compiled kernel; with ``warmup=True`` it compiles without launching).
+    ``alternatives`` (from ``candidates``) are merged onto ``default``; ``run_candidate(cfg)``
+    launches the kernel with ``cfg`` into scratch outputs, ``run_candidate(cfg, warmup=True)``
+    compiles it without a launch and returns its ``KernelStats`` (None when nothing is
+    compiled: the interpreter). ``on_scratch`` makes one from a launcher.
     """
     if key is None or not alternatives:
         return default
@@ -525,7 +532,7 @@ def choose(role: str, key: TuneKey | None, default: dict, alternatives: list[dic
         why = None if i == 0 else static_reason(role, cfg)  # the default runs regardless: it is always timed
         if why is None:
             try:
-                why = None if i == 0 else compiled_reason(kernel_stats(run_candidate(cfg, warmup=True)), key.gpu)
+                why = None if i == 0 else compiled_reason(run_candidate(cfg, warmup=True), key.gpu)
                 if why is None:
                     times[name] = timer(lambda cfg=cfg: run_candidate(cfg), cfg)
             except Exception as exc:  # OutOfResources, a compile error: the candidate is dropped, never the call

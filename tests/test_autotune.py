@@ -48,8 +48,26 @@ def tuner(tmp_path, monkeypatch):
 
 
 def compiled(shared=65536, registers=128, spills=0):
-    """What a warm-up compile returns, as far as the tuner reads it."""
-    return SimpleNamespace(metadata=SimpleNamespace(shared=shared), n_regs=registers, n_spills=spills)
+    """What run_candidate(cfg, warmup=True) returns: the compiled kernel's numbers."""
+    return at.KernelStats(shared, registers, spills)
+
+
+def test_kernel_stats_loads_the_compiled_kernel_to_read_its_registers():
+    class Compiled:  # as Triton's CompiledKernel: registers and spills known once loaded
+        metadata = SimpleNamespace(shared=98304)
+
+        def _init_handles(self):
+            self.n_regs, self.n_spills = 230, 0
+
+    assert at.kernel_stats(Compiled()) == at.KernelStats(98304, 230, 0)
+    assert at.kernel_stats(None) is None  # the interpreter compiles nothing
+
+    class TooBig(Compiled):
+        def _init_handles(self):
+            raise RuntimeError("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
+
+    with pytest.raises(RuntimeError, match="out of resource"):
+        at.kernel_stats(TooBig())
 
 
 def fwd_key(seqlen=4096, **kw):
