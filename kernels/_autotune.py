@@ -41,8 +41,10 @@ sm_90, dK/dV 32x128/w8/s1 (spills 36) and 16x64/w4/s2 (28) at head dim 128, 64x1
 at 64; on sm_80 and sm_86, every dK/dV tile tried at head dim 128 but 16x32 on 2 warps (16x64
 on 4 warps: work 1.50; the others spill 16-304 bytes), dK/dV 32x64 and 64x64 at 64 (16-360), dQ
 64x64 at either head dim (8-40), dQ 128x32/w8/s2 at 128 (48-56), the forward 128x64/w8/s2 at
-128 on sm_80 (16), and on sm_86 dQ 64x32/w4/s2 and 32x32/w2/s3 at 64 (4). The static defaults
-are listed as they are (some spill on sm_80/86): the default is always timed.
+128 on sm_80 (16), on sm_86 dQ 64x32/w4/s2 and 32x32/w2/s3 at 64 (4), and on sm_100 (which
+otherwise takes the Hopper table; tcgen05, so no work ratio) dK/dV 16x128 with 2 or 3 stages
+(272, 336) and dQ 128x64/w8/s2 (40) at head dim 128. The static defaults are listed as they are
+(some spill on sm_80/86/100): the default is always timed.
 
 - sm_90 fwd 64: M128/N64/w8/s3* 64K 126r 2b, M128/N128/w8/s3 112K 238r 1b, M128/N64/w4/s4 80K 241r 2b,
   M64/N64/w4/s4 72K 128r 3b
@@ -90,6 +92,17 @@ are listed as they are (some spill on sm_80/86): the default is always timed.
 - sm_86 decode 128: M16/N64/w4/s2* 38K 128r 2b, M16/N32/w4/s2 21K 80r 4b, M16/N128/w4/s2 72K 168r 1b,
   M16/N64/w4/s3 70K 128r 1b
 
+- sm_100 fwd 64: M128/N64/w8/s3* 65K 202r 1b, M128/N128/w8/s3 113K 231r 1b, M128/N64/w4/s4 81K 242r 2b,
+  M64/N64/w4/s4 73K 168r 3b
+- sm_100 fwd 128: M128/N64/w8/s3* 129K 232r 1b, M128/N64/w8/s2 96K 234r 1b, M64/N64/w4/s3 113K 243r 2b
+- sm_100 dkdv 64: M32/N128/w8/s2* 56K 255r spills 4 1b, M16/N128/w8/s2 44K 248r 1b, M32/N128/w8/s1 40K
+  118r 2b, M16/N64/w4/s2 28K 210r 2b
+- sm_100 dkdv 128: M16/N128/w8/s1* 72K 222r 1b, M16/N128/w8/s2 88K 255r spills 272 1b, M16/N128/w8/s3
+  96K 255r spills 336 1b, M16/N64/w4/s1 40K 220r 2b
+- sm_100 dq 64: M64/N64/w4/s2* 57K 128r 3b, M64/N64/w4/s3 73K 128r 3b, M128/N64/w8/s3 89K 120r 2b,
+  M128/N32/w8/s3 60K 63r 3b
+- sm_100 dq 128: M64/N64/w4/s2* 113K 168r 2b, M64/N32/w4/s3 89K 95r 2b, M128/N64/w8/s2 145K 128r spills
+  40 1b, M128/N32/w8/s2 104K 108r 2b
 This module imports no triton (the benchmarks import it before TRITON_INTERPRET is settled)
 and nothing of llama_fast (kernels sit below every other layer).
 """
@@ -131,9 +144,10 @@ SOURCES = ("flash_attn.py", "flash_decode.py", "_common.py", "_autotune.py")
 # default (which is always timed too). Attention: (BLOCK_M, BLOCK_N, num_warps, num_stages),
 # BLOCK_M counting queries and BLOCK_N keys as in flash_attn.py. Few per kernel: each costs
 # a compile on the device. Every one compiles, bf16 causal fixed-length, with no spills and
-# a tensor-core work ratio of 1.00 for its class's first arch (sm_90, sm_80, sm_86; see
-# "Compiled evidence" below); other archs, dtypes and varlen are checked on the device.
-_LARGE_SMEM = {  # hopper (sm_90) and blackwell (sm_100): 227 KiB per block
+# a tensor-core work ratio of 1.00 for its class's first arch (sm_90, sm_80, sm_86; sm_100:
+# no spills, its tcgen05 work is not measured; see "Compiled evidence" in the docstring);
+# other archs, dtypes and varlen are checked on the device.
+_LARGE_SMEM = {  # hopper (sm_90): 227 KiB per block
     ("fwd", 64): ((128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
     ("fwd", 128): ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
     ("dkdv", 64): ((16, 128, 8, 2), (32, 128, 8, 1), (16, 64, 4, 2)),
@@ -141,6 +155,8 @@ _LARGE_SMEM = {  # hopper (sm_90) and blackwell (sm_100): 227 KiB per block
     ("dq", 64): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
     ("dq", 128): ((64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2)),
 }
+# blackwell (sm_100): the Hopper table but the tiles that spill there (see the evidence).
+_BLACKWELL = {**_LARGE_SMEM, ("dkdv", 128): ((16, 64, 4, 1),), ("dq", 128): ((64, 32, 4, 3), (128, 32, 8, 2))}
 _MID_SMEM = {  # ampere (sm_80): 163 KiB
     ("fwd", 64): ((128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)),
     ("fwd", 128): ((64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
@@ -157,7 +173,7 @@ _SMALL_SMEM = {  # consumer (sm_86, sm_89, sm_120): 99 KiB
     ("dq", 64): ((128, 32, 8, 2),),
     ("dq", 128): ((64, 32, 4, 2), (32, 32, 2, 3), (64, 32, 4, 4)),
 }
-ATTENTION_CANDIDATES = {"hopper": _LARGE_SMEM, "blackwell": _LARGE_SMEM, "ampere": _MID_SMEM, "consumer": _SMALL_SMEM}
+ATTENTION_CANDIDATES = {"hopper": _LARGE_SMEM, "blackwell": _BLACKWELL, "ampere": _MID_SMEM, "consumer": _SMALL_SMEM}
 # flash_decode's split kernel, any class: (BLOCK_N, num_warps, num_stages); its BLOCK_M and
 # BLOCK_D stay the launcher's (they follow from the GQA group and the head dim). Decode is
 # bound by memory bandwidth: what varies is the bytes in flight per program.
