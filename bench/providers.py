@@ -3,7 +3,10 @@ functions of the ones that are other libraries (Liger-Kernel, flash-attn).
 
 Providers (the ``provider`` field of a row)
 -------------------------------------------
-triton          llama_fast under ``llama_fast.backend("triton")``
+triton          llama_fast under ``llama_fast.backend("triton")``; on a GPU the attention and
+                decode launch configurations are the autotuner's (kernels/_autotune.py)
+triton_static   the same with the static launch configurations (the autotuner off, as with
+                LLAMA_FAST_AUTOTUNE=0): attention and decode rows only, to show what tuning gains
 cuda            llama_fast under ``llama_fast.backend("cuda")`` (the C++ extension); listed
                 as unavailable, with ``backend_status("cuda")``'s reason, where it is not built
 eager           PyTorch written as Hugging Face's Llama modules compute it (bench/cases.py)
@@ -29,12 +32,14 @@ import torch
 
 import llama_fast
 from llama_fast.bench.cases import EPS
+from llama_fast.kernels import _autotune  # imports no triton (TRITON_INTERPRET is settled later)
 
 LLAMA_FAST = ("triton", "cuda")  # llama_fast's own backends: an error there is a failure
+STATIC = "triton_static"  # the triton backend with its static launch configurations
 MEMORY_PROVIDERS = ("triton", "cuda", "eager", "liger", "torch.compile")
-ATTN_PROVIDERS = ("triton", "cuda", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash-attn",
+ATTN_PROVIDERS = ("triton", STATIC, "cuda", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash-attn",
                   "flex_attention")
-DECODE_PROVIDERS = ("triton", "cuda", "sdpa", "flash-attn")
+DECODE_PROVIDERS = ("triton", STATIC, "cuda", "sdpa", "flash-attn")
 CUDA_ONLY = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
 COMPILED = ("torch.compile", "flex_attention")  # slow first call: scheduled last
 
@@ -50,7 +55,7 @@ def import_reason(module: str) -> str | None:
 
 def unavailable_reason(provider: str, device: torch.device) -> str | None:
     """None when ``provider`` can run on ``device``, else why not (one line)."""
-    if provider in LLAMA_FAST:
+    if provider in LLAMA_FAST or provider == STATIC:
         backends = llama_fast.backends
         if provider == "cuda":
             return backends.backend_status("cuda")
@@ -75,6 +80,18 @@ def under_backend(fn: Callable, backend: str) -> Callable:
             return fn(*args, **kwargs)
 
     return run
+
+
+def static_configs(calls: list[Callable]) -> list[Callable]:
+    """``calls`` each run inside ``_autotune.static_configs()``: its launches, the backward's
+    too, take the static configurations (the triton_static provider)."""
+    def static(call: Callable) -> Callable:
+        def run():
+            with _autotune.static_configs():
+                return call()
+        return run
+
+    return [static(call) for call in calls]
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from llama_fast.bench.cases import CASES, DTYPE_NAME
 from llama_fast.bench.end_to_end import PATCHED, TRAIN_PROVIDERS
-from llama_fast.bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS
+from llama_fast.bench.providers import ATTN_PROVIDERS, MEMORY_PROVIDERS, STATIC
 
 ALL_PROVIDERS = tuple(dict.fromkeys(MEMORY_PROVIDERS + ATTN_PROVIDERS + TRAIN_PROVIDERS))
 
@@ -168,13 +168,14 @@ def markdown(report: dict) -> str:
     lines += matmul_table(
         "Attention (flash_attn)",
         "TFLOP/s: forward 4·B·Hq·Sq·Sk·D (halved when causal), backward 2.5×, fwd+bwd 3.5× forward; "
-        "% of the bf16 matmul ceiling.", "attention", ("sdpa_flash", "sdpa_cudnn", "flash-attn"))
+        "% of the bf16 matmul ceiling. triton: the autotuned launch configurations on a GPU; triton_static: "
+        "the static ones.", "attention", ("sdpa_flash", "sdpa_cudnn", "flash-attn", STATIC))
     lines += _table(
         "Decode (flash_decode)", "GB/s: K and V read once (2·B·L·Hkv·D·2 bytes) plus q and out; % of the copy ceiling.",
-        ["shape", "dtype", "provider", "ms", "GB/s", "% of copy", "vs sdpa", "vs flash-attn", "peak MiB"],
+        ["shape", "dtype", "provider", "ms", "GB/s", "% of copy", "vs sdpa", "vs flash-attn", f"vs {STATIC}", "peak MiB"],
         [r for r in rows if r["op"] == "decode"],
         lambda r: [r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".4f"), _fmt(r["gbps"], ".0f"), _fmt(_pct(r), ".1f"),
-                   _speedup(rows, r, "sdpa"), _speedup(rows, r, "flash-attn"), peak(r)])
+                   _speedup(rows, r, "sdpa"), _speedup(rows, r, "flash-attn"), _speedup(rows, r, STATIC), peak(r)])
     lines += _table(
         "Training step (end to end)",
         "Forward, loss, backward, AdamW, bf16 (bench/end_to_end.py). TFLOP/s: 6 × matmul parameters × tokens plus "
@@ -195,7 +196,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-OURS = ("triton", "cuda") + tuple(PATCHED)
+OURS = ("triton", STATIC, "cuda") + tuple(PATCHED)
 
 
 def summary(report: dict) -> str:
@@ -212,6 +213,7 @@ def summary(report: dict) -> str:
     for key in ("errors", "skipped"):
         if bench.get(key):
             lines.append(f"{key}: {len(bench[key])} (first: {bench[key][0]})")
+    lines += autotune_lines(bench.get("autotune", []), report["rows"])
     for (op, pass_, shape, dtype), ours, best in compare_cases(report["rows"]):
         text = " · ".join(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({100 * r['fraction_of_ceiling']:.0f}%)"
                           if r["fraction_of_ceiling"] is not None else "") for r in ours)
@@ -221,6 +223,39 @@ def summary(report: dict) -> str:
         lines.append(f"{op} {pass_} {shape} {dtype}: {text}")
     lines += cuda_against_triton(report["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _config(cfg: dict | None) -> str:
+    if not cfg:
+        return "?"
+    return f"M{cfg.get('BLOCK_M')} N{cfg.get('BLOCK_N')} w{cfg.get('num_warps')} s{cfg.get('num_stages')}"
+
+
+def autotune_lines(history: list[dict], rows: list[dict]) -> list[str]:
+    """The autotuner in this run: per key it resolved, the configuration chosen against the
+    static default, with the candidates' times when it tuned (else: from the cache); then per
+    op the cases where both triton (tuned) and triton_static were timed."""
+    lines = []
+    for r in history:
+        chosen, default = _config(r["config"]), _config(r.get("default"))
+        if r["source"] == "tuned":
+            ms = r.get("ms", {})
+            gain = f", {ms[default] / ms[chosen]:.2f}x the default" if ms.get(default) and ms.get(chosen) else ""
+            how = f"{len(ms)} timed, {len(r.get('dropped', {}))} dropped, {r.get('seconds', 0):.1f} s{gain}"
+        else:
+            how = "from the cache"
+        lines.append(f"autotune {r['key']}: {chosen} (default {default}; {how})")
+    times: dict = {}
+    for r in rows:
+        if r["provider"] in ("triton", STATIC) and r["ms"]:
+            times.setdefault(r["op"], {}).setdefault((r["pass"], r["shape"], r["dtype"]), {})[r["provider"]] = r["ms"]
+    for op, cases in times.items():
+        ratios = [t[STATIC] / t["triton"] for t in cases.values() if len(t) == 2]
+        if ratios:
+            geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            lines.append(f"triton (tuned) vs {STATIC}, {op}: tuned faster in {sum(x > 1 for x in ratios)}/{len(ratios)} "
+                         f"cases, geomean {geomean:.2f}x")
+    return lines
 
 
 def compare_cases(rows: list[dict]) -> list[tuple[tuple, list[dict], dict | None]]:

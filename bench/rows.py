@@ -8,6 +8,7 @@ backward in one timed call, as a training step runs them).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -20,8 +21,9 @@ from llama_fast.bench.attention_cases import (
 from llama_fast.bench.cases import Settings, Shapes, empty_row
 import llama_fast
 from llama_fast.bench.providers import (
-    LLAMA_FAST, flash_attn_decode_fn, flash_attn_fn, liger_fn, under_backend,
+    LLAMA_FAST, STATIC, flash_attn_decode_fn, flash_attn_fn, liger_fn, static_configs, under_backend,
 )
+from llama_fast.kernels import _autotune
 from llama_fast.bench.timing import peak_mem_mb, time_ms
 
 
@@ -133,8 +135,9 @@ def attn_row(s: AttnShape, dtype: torch.dtype, pass_: str, provider: str, cfg: S
              note: Callable) -> dict:
     """One prefill row: TFLOP/s by attn_flops, as a fraction of the matmul ceiling."""
     input_sets = [attn_inputs(s, device, dtype) for _ in range(cfg.n_sets)]
-    if provider in LLAMA_FAST:
-        fn = under_backend(functools.partial(llama_fast.flash_attn, causal=s.causal), provider)
+    if provider in LLAMA_FAST or provider == STATIC:
+        fn = under_backend(functools.partial(llama_fast.flash_attn, causal=s.causal),
+                           "triton" if provider == STATIC else provider)
     elif provider == "flash-attn":
         fn = flash_attn_fn(s.causal)
     elif provider == "flex_attention":
@@ -143,7 +146,10 @@ def attn_row(s: AttnShape, dtype: torch.dtype, pass_: str, provider: str, cfg: S
         first = input_sets[0]
         fn = _sdpa_with_gqa_fallback(provider, s.causal, first["q"], first["k"], first["v"], note)
     args = ("q", "k", "v")
-    calls = [make_call(fn, args, inputs, pass_, args) for inputs in input_sets]
+    with _autotune.static_configs() if provider == STATIC else contextlib.nullcontext():  # bwd: its recorded forward
+        calls = [make_call(fn, args, inputs, pass_, args) for inputs in input_sets]
+    if provider == STATIC:
+        calls = static_configs(calls)
     warmup, reps = attn_reps(cfg, s, device)
     ms = time_ms(calls, device, warmup, reps)
     peak = peak_mem_mb(calls[0], device)
@@ -161,9 +167,12 @@ def decode_row(s: AttnShape, dtype: torch.dtype, provider: str, cfg: Settings, d
     as (B, Hq, 1, D) against the whole cache, non-causal (the one query is the last token)."""
     n_sets, warmup, reps = decode_plan(cfg, s, device)
     input_sets = [decode_inputs(s, device, dtype) for _ in range(n_sets)]
-    if provider in LLAMA_FAST or provider == "flash-attn":
-        fn = flash_attn_decode_fn() if provider == "flash-attn" else under_backend(llama_fast.flash_decode, provider)
+    if provider in LLAMA_FAST or provider in (STATIC, "flash-attn"):
+        fn = flash_attn_decode_fn() if provider == "flash-attn" else under_backend(
+            llama_fast.flash_decode, "triton" if provider == STATIC else provider)
         calls = [functools.partial(fn, i["q"], i["k_cache"], i["v_cache"], i["cache_seqlens"]) for i in input_sets]
+        if provider == STATIC:
+            calls = static_configs(calls)
     else:
         first = input_sets[0]
         fn = _sdpa_with_gqa_fallback(provider, False, first["q"], first["k_cache"], first["v_cache"], note)

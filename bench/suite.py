@@ -47,11 +47,12 @@ from llama_fast.bench import grid as grids
 from llama_fast.bench.attention_cases import DECODE_MAX_CACHE_BYTES, attn_empty_row, decode_bytes
 from llama_fast.bench.cases import CASES, DTYPES, GPU_SETTINGS, SMOKE_SETTINGS, Settings, dtype_name, empty_row
 from llama_fast.bench.providers import (
-    ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, import_reason, unavailable_reason,
+    ATTN_PROVIDERS, CUDA_ONLY, DECODE_PROVIDERS, LLAMA_FAST, MEMORY_PROVIDERS, STATIC, import_reason, unavailable_reason,
 )
 from llama_fast.bench.report import Log, default_out_dir, new_report, resolve_commit, write_outputs
 from llama_fast.bench.rows import attn_row, bench_row, decode_row
 from llama_fast.bench.timing import measure_ceilings
+from llama_fast.kernels import _autotune  # imports no triton
 
 OP_ALIASES = {"rope": "apply_rope"}
 MEMORY_OPS = tuple(case["op"] for case in CASES)
@@ -61,7 +62,7 @@ COMPILE_RESERVE_S = 45  # nor a compiled one (its first call compiles)
 E2E_RESERVE_S = 40  # nor an end-to-end one (a model is built)
 E2E_COMPILE_RESERVE_S = 150  # nor the compiled HF model
 # Providers whose errors are failures of this repository's code (the rest are baselines).
-OURS = LLAMA_FAST + ("eager", "torch.compile", "ref_eager") + tuple(e2e.PATCHED)
+OURS = LLAMA_FAST + (STATIC, "eager", "torch.compile", "ref_eager") + tuple(e2e.PATCHED)
 TIERS = ("memory-bound", "attention", "end-to-end", "compiled ops", "flex_attention", "compiled model")
 
 
@@ -303,7 +304,10 @@ def new_bench_info(cfg: Settings, device, grid: str) -> dict:
     return {"status": "ok", "grid": grid,
             "timing": f"{clock}; median of {cfg.reps} after {cfg.warmup} warm-up; {cfg.n_sets} input sets rotated; "
                       "bwd = autograd.grad of a recorded forward (retain_graph); end to end: median step, wall clock",
-            "errors": [], "skipped": [], "unavailable": [], "gqa": {}}
+            "errors": [], "skipped": [], "unavailable": [], "gqa": {},
+            # the attention and decode configurations the autotuner resolved (tuned, or read
+            # from its cache), with the candidates' times: kernels/_autotune.py history()
+            "autotune": []}
 
 
 def run_jobs(jobs: list[Job], report: dict, info: dict, deadline: float, log: Callable, save: Callable,
@@ -338,6 +342,7 @@ def run_jobs(jobs: list[Job], report: dict, info: dict, deadline: float, log: Ca
             else:
                 _note_unavailable(info, log, job.what, reason)
         report["rows"].extend(rows)
+        info["autotune"] = _autotune.history()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand back this job's cached blocks (eager's float32 temporaries are large)
         save()

@@ -3,7 +3,7 @@
 
     python -m llama_fast.bench.tune [--head-dims 64,128] [--roles fwd,dkdv,dq,decode] [--seqlen 4096]
                          [--decode-context 8192] [--out FILE.json] [--budget-s S]
-                         [--compile-only ARCH] [--smoke]
+                         [--compile-only ARCH] [--smoke] [--autotuner CLASS]
 
 The block sizes, warps and stages of ``kernels/flash_attn.py`` (``forward_config``,
 ``backward_configs``) and of ``kernels/flash_decode.py`` (``launch_config``) were chosen
@@ -21,6 +21,10 @@ configuration functions to a winner is a decision for whoever reads it.
 --compile-only 90 (or 80) needs no GPU: it compiles every candidate for that architecture
 (as llama_fast.tools.compile_check does) and reports shared memory, registers and spills, so
 that candidates that cannot launch or spill heavily are dropped before GPU time is spent.
+--autotuner CLASS (hopper, blackwell, ampere, consumer, or all) puts the run-time autotuner's
+candidates for that GPU class (kernels/_autotune.py) in place of CANDIDATES, measured against
+the Hopper default as the others: the tests compile the Hopper ones for sm_90 (none spills or
+repeats MMA work) and run all of them under the interpreter (all compute what the default does).
 --smoke runs the correctness part at tiny shapes (on a CPU under TRITON_INTERPRET=1): every
 candidate must compute what the current configuration computes.
 """
@@ -34,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llama_fast.kernels import _autotune  # imports no triton
 
 # (role, head dim) -> candidate configurations as (BLOCK_M, BLOCK_N, num_warps, num_stages);
 # BLOCK_M counts queries, BLOCK_N keys. The current configuration is always measured
@@ -112,9 +118,23 @@ def override(role: str, cfg: dict):
         fa.forward_config, fa.backward_configs, fd.launch_config = saved
 
 
-def configs_to_try(role: str, head_dim: int, baseline: dict) -> list[dict]:
-    """The current configuration first, then each candidate that differs from it."""
-    return [baseline] + [c for c in CANDIDATES.get((role, head_dim), []) if c != baseline]
+AUTOTUNER_CLASSES = ("hopper", "blackwell", "ampere", "consumer")
+
+
+def configs_to_try(role: str, head_dim: int, baseline: dict, autotuner: str | None = None) -> list[dict]:
+    """The current configuration first, then each candidate that differs from it; with
+    ``autotuner`` (a GPU class or "all"), the run-time autotuner's candidates for it
+    (kernels/_autotune.py) instead of CANDIDATES."""
+    if autotuner:
+        classes = AUTOTUNER_CLASSES if autotuner == "all" else (autotuner,)
+        found = [dict(baseline, **c) for gpu in classes for c in _autotune.candidates(role, head_dim, torch.bfloat16, gpu)]
+    else:
+        found = CANDIDATES.get((role, head_dim), [])
+    configs = [baseline]
+    for c in found:
+        if c not in configs:
+            configs.append(c)
+    return configs
 
 
 def _label(cfg: dict) -> str:
@@ -175,7 +195,7 @@ def _mismatch(got, want) -> str | None:
     return None
 
 
-def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[dict]:
+def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log, autotuner: str | None = None) -> list[dict]:
     from llama_fast.bench.timing import time_ms
 
     results = []
@@ -184,7 +204,7 @@ def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[
             x = _inputs(role, head_dim, shapes, device)
             baseline = current_config(role, head_dim)
             want = _run(role, x)()
-            for cfg in configs_to_try(role, head_dim, baseline):
+            for cfg in configs_to_try(role, head_dim, baseline, autotuner):
                 row = {"role": role, "head_dim": head_dim, "config": cfg, "label": _label(cfg),
                        "current": cfg == baseline, "ms": None, "vs_current": None, "error": None}
                 results.append(row)
@@ -211,7 +231,7 @@ def tune(head_dims, roles, shapes, device, warmup, reps, deadline, log) -> list[
 # without a GPU: compile every candidate for one architecture
 
 
-def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
+def compile_candidates(arch: int, head_dims, roles, log, autotuner: str | None = None) -> list[dict]:
     """Each candidate compiled as llama_fast.tools.compile_check compiles a launch (bf16; causal
     fixed-length attention; decode with splits); shared memory, registers and spills."""
     import llama_fast.tools.compile_check as cc
@@ -221,12 +241,12 @@ def compile_candidates(arch: int, head_dims, roles, log) -> list[dict]:
         for head_dim in head_dims:
             for role in roles:
                 baseline = current_config(role, head_dim)
-                for cfg in configs_to_try(role, head_dim, baseline):
+                for cfg in configs_to_try(role, head_dim, baseline, autotuner):
                     with override(role, cfg):
                         r = cc.compile_config(*_launch_config(cc, role, head_dim), arch)
                     rows.append(dict(role=role, head_dim=head_dim, config=cfg, label=_label(cfg),
                                      current=cfg == baseline, **{k: r[k] for k in (
-                                         "shared", "registers", "spill_stores", "spill_loads", "tensor_cores", "error")}))
+                                         "shared", "registers", "spill_stores", "spill_loads", "tensor_cores", "work_ratio", "error")}))
                     log(f"{role} D={head_dim} {rows[-1]['label']}: " + (r["error"] or (
                         f"smem {r['shared']} regs {r['registers']} spills {r['spill_stores']}/{r['spill_loads']} "
                         f"{r['tensor_cores']}")))
@@ -285,6 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0, help="candidates left when it runs out are skipped")
     p.add_argument("--compile-only", type=int, metavar="ARCH", help="compile for this arch (80, 90); no GPU needed")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: the correctness part, on any device")
+    p.add_argument("--autotuner", choices=AUTOTUNER_CLASSES + ("all",), metavar="CLASS",
+                   help="the run-time autotuner's candidates for a GPU class (kernels/_autotune.py) or all")
     args = p.parse_args(argv)
     head_dims = [int(d) for d in args.head_dims.split(",")]
     roles = [r for r in args.roles.split(",") if r]
@@ -297,7 +319,7 @@ def main(argv=None) -> int:
         print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     if args.compile_only:
-        rows = compile_candidates(args.compile_only, head_dims, roles, log)
+        rows = compile_candidates(args.compile_only, head_dims, roles, log, args.autotuner)
         header = f"# Attention candidates compiled for sm_{args.compile_only} (bf16, causal)"
         failed = any(r["error"] for r in rows)
     else:
@@ -308,7 +330,11 @@ def main(argv=None) -> int:
             shapes = {"train": (1, 272, 2, 1), "decode": (2, 300, DECODE_GROUP, 1)}
         else:
             shapes = {"train": (2, args.seqlen, 32, 8), "decode": (8, args.decode_context, 32, 8)}
-        rows = tune(head_dims, roles, shapes, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log)
+        # override() puts each candidate in the static configuration's place: the run-time
+        # autotuner (kernels/_autotune.py) must not replace it with its own choice.
+        with _autotune.static_configs():
+            rows = tune(head_dims, roles, shapes, device, warmup=3, reps=10, deadline=start + args.budget_s, log=log,
+                        autotuner=args.autotuner)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         train, dec = shapes["train"], shapes["decode"]
         header = (f"# Attention candidates on {name} (bf16; fwd/dkdv/dq: causal, batch {train[0]} x {train[1]} tokens, "

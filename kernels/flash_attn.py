@@ -72,6 +72,7 @@ import triton.language as tl
 
 from llama_fast import _alloc
 
+from . import _autotune
 from ._common import device_guard, device_limits, interpreter_on, load_rows, next_pow2
 
 LOG2E = math.log2(math.e)
@@ -542,15 +543,20 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         return out, lse
     if not scale > 0:
         raise ValueError(f"softmax scale must be positive, got {scale}")  # the row max is taken before scaling
-    cfg = forward_config(q.shape[-1], q.dtype, p.varlen, gpu_class(device_limits(q.device)))
-    grid = (p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"]))
-    with device_guard(q.device):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse, p.cu_q, p.cu_k,
-            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.stats_strides(lse),
-            p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E,
-            **_common_constexprs(q, causal, p.varlen), **cfg,
-        )
+    gpu = gpu_class(device_limits(q.device))
+
+    def launch(cfg, out, lse, warmup=False):
+        grid = (p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"]))
+        with device_guard(q.device):
+            return _attn_fwd_kernel.run(
+                q, k, v, out, lse, p.cu_q, p.cu_k,
+                *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.stats_strides(lse),
+                p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E,
+                **_common_constexprs(q, causal, p.varlen), **cfg, grid=grid, warmup=warmup,
+            )
+
+    cfg = _tuned("fwd", p, q, causal, gpu, forward_config(q.shape[-1], q.dtype, p.varlen, gpu), launch, out, lse)
+    launch(cfg, out, lse)
     return out, lse
 
 
@@ -564,9 +570,28 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = p.empty_stats(q)
     consts = _common_constexprs(q, causal, p.varlen)
-    cfg_kv, cfg_q = backward_configs(q.shape[-1], q.dtype, p.varlen, gpu_class(device_limits(q.device)))
+    gpu = gpu_class(device_limits(q.device))
+    cfg_kv, cfg_q = backward_configs(q.shape[-1], q.dtype, p.varlen, gpu)
     lse_strides = p.stats_strides(lse)
     assert lse_strides == p.stats_strides(delta), "lse must be laid out as the forward wrote it"
+    args = (*p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do))
+
+    def launch_dkdv(cfg, dk, dv, warmup=False):
+        with device_guard(q.device):
+            return _attn_bwd_dkdv_kernel.run(
+                q, k, v, do, lse, delta, dk, dv, p.cu_q, p.cu_k, *args, *p.strides(dk), *p.strides(dv), *lse_strides,
+                p.kv_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg,
+                grid=(p.batch * p.kv_heads, triton.cdiv(max(p.seq_k, 1), cfg["BLOCK_N"])), warmup=warmup,
+            )
+
+    def launch_dq(cfg, dq, warmup=False):
+        with device_guard(q.device):
+            return _attn_bwd_dq_kernel.run(
+                q, k, v, do, lse, delta, dq, p.cu_q, p.cu_k, *args, *p.strides(dq), *lse_strides,
+                p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg,
+                grid=(p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg["BLOCK_M"])), warmup=warmup,
+            )
+
     with device_guard(q.device):
         if p.seq_q:
             _attn_bwd_preprocess_kernel[(p.batch * p.q_heads, triton.cdiv(p.seq_q, PREPROCESS_BLOCK_M))](
@@ -574,17 +599,20 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
                 IS_VARLEN=p.varlen, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M,
                 num_warps=PREPROCESS_WARPS,
             )
-        args = (*p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do))
-        _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(max(p.seq_k, 1), cfg_kv["BLOCK_N"]))](
-            q, k, v, do, lse, delta, dk, dv, p.cu_q, p.cu_k, *args, *p.strides(dk), *p.strides(dv), *lse_strides,
-            p.kv_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg_kv,
-        )
-        if p.seq_q:
-            _attn_bwd_dq_kernel[(p.batch * p.q_heads, triton.cdiv(p.seq_q, cfg_q["BLOCK_M"]))](
-                q, k, v, do, lse, delta, dq, p.cu_q, p.cu_k, *args, *p.strides(dq), *lse_strides,
-                p.q_heads, p.group, p.seq_q, p.seq_k, scale * LOG2E, scale, **consts, **cfg_q,
-            )
+    launch_dkdv(_tuned("dkdv", p, q, causal, gpu, cfg_kv, launch_dkdv, dk, dv), dk, dv)
+    if p.seq_q:
+        launch_dq(_tuned("dq", p, q, causal, gpu, cfg_q, launch_dq, dq), dq)
     return dq, dk, dv
+
+
+def _tuned(role, p, q, causal, gpu, default, launch, *outputs) -> dict:
+    """The config ``role`` launches with: its static ``default``, or the autotuner's choice
+    among the default and the candidates of kernels/_autotune.py, timed by ``launch`` into
+    scratch copies of ``outputs`` on a GPU (cached on disk; LLAMA_FAST_AUTOTUNE=0: never)."""
+    head_dim = q.shape[-1]
+    key = _autotune.attention_key(role, q.device, q.dtype, head_dim, causal, p.varlen, max(p.seq_q, p.seq_k))
+    return _autotune.choose(role, key, default, _autotune.candidates(role, head_dim, q.dtype, gpu),
+                            _autotune.on_scratch(launch, *outputs))
 
 
 # Registry entries (signatures as in llama_fast.reference).

@@ -57,6 +57,7 @@ import triton.language as tl
 
 from llama_fast import _alloc
 
+from . import _autotune
 from ._common import _sm_count, device_guard, load_tile, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -307,32 +308,42 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
     cache_seqlens = cache_seqlens.contiguous()  # the kernel reads lengths[b] at offset b
     group = q_heads // kv_heads
-    cfg = launch_config(group, q_len, head_dim)
-    row_blocks = triton.cdiv(group * q_len, cfg["BLOCK_M"])
-    programs_per_split = batch * kv_heads * row_blocks
-    splits = choose_num_splits(num_splits, q.device, programs_per_split, seqlen_max, cfg["BLOCK_N"])
     interpreted = _interpreted()
-    consts = dict(HEAD_DIM=head_dim, UPCAST=interpreted and q.dtype != torch.float32,
-                  # full-precision float32 dots (no TF32); 16-bit dots ignore it
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    rows = batch * q_heads * q_len
-    if splits == 1:
-        o_part = lse_part = out  # unused (WRITE_OUT)
-    else:
-        o_part = _alloc.empty((rows, splits, head_dim), torch.float32, q.device)
-        lse_part = _alloc.empty((rows, splits), torch.float32, q.device)
-    with device_guard(q.device):
-        _flash_decode_split_kernel[(programs_per_split, splits)](
-            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out if splits == 1 else o_part,
-            q_len, group, kv_heads, seqlen_max, splits, row_blocks,
-            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-            scale * LOG2E, WRITE_OUT=splits == 1, **consts,
-        )
-        if splits > 1:
-            _flash_decode_combine_kernel[(rows,)](
-                o_part, lse_part, out, q_len, q_heads, splits, *out.stride()[:3],
-                HEAD_DIM=head_dim, **combine_config(splits, head_dim),
+
+    def launch(cfg, out, warmup=False):
+        """The split kernel (and the combine) with ``cfg``; warmup: compile the split kernel only."""
+        row_blocks = triton.cdiv(group * q_len, cfg["BLOCK_M"])
+        programs_per_split = batch * kv_heads * row_blocks
+        splits = choose_num_splits(num_splits, q.device, programs_per_split, seqlen_max, cfg["BLOCK_N"])
+        consts = dict(HEAD_DIM=head_dim, UPCAST=interpreted and q.dtype != torch.float32,
+                      # full-precision float32 dots (no TF32); 16-bit dots ignore it
+                      DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+        rows = batch * q_heads * q_len
+        if splits == 1:
+            o_part = lse_part = out  # unused (WRITE_OUT)
+        else:
+            o_part = _alloc.empty((rows, splits, head_dim), torch.float32, q.device)
+            lse_part = _alloc.empty((rows, splits), torch.float32, q.device)
+        with device_guard(q.device):
+            split_kernel = _flash_decode_split_kernel.run(
+                q, k_cache, v_cache, cache_seqlens, o_part, lse_part, out if splits == 1 else o_part,
+                q_len, group, kv_heads, seqlen_max, splits, row_blocks,
+                *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+                scale * LOG2E, WRITE_OUT=splits == 1, **consts, grid=(programs_per_split, splits), warmup=warmup,
             )
+            if splits > 1 and not warmup:
+                _flash_decode_combine_kernel[(rows,)](
+                    o_part, lse_part, out, q_len, q_heads, splits, *out.stride()[:3],
+                    HEAD_DIM=head_dim, **combine_config(splits, head_dim),
+                )
+        return split_kernel
+
+    # The static launch_config, or the autotuner's choice (kernels/_autotune.py; shapes only,
+    # never cache_seqlens, and under CUDA-graph capture only what is cached).
+    key = _autotune.decode_key(q.device, q.dtype, head_dim, group, q_len, batch, seqlen_max)
+    cfg = _autotune.choose("decode", key, launch_config(group, q_len, head_dim),
+                           _autotune.candidates("decode", head_dim, q.dtype), _autotune.on_scratch(launch, out))
+    launch(cfg, out)
     return out
 
 

@@ -9,6 +9,7 @@ import textwrap
 import torch
 
 from llama_fast import backends
+from llama_fast.kernels import _autotune  # imports no triton
 from llama_fast.op_names import PUBLIC_OPS, public_op_name, public_ops_served
 
 
@@ -61,7 +62,16 @@ def info() -> dict:
         "backend_choice": backends.current_backend(),
         "backends": status,
         "routes": backends.routes(),
+        "autotune": _autotune_status(),
     }
+
+
+def _autotune_status() -> dict:
+    """The run-time autotuner of the attention launch configurations: on or off (the
+    LLAMA_FAST_AUTOTUNE switch; it runs on CUDA GPUs only), its cache folder and files."""
+    folder = _autotune.cache_dir()
+    files = sorted(p.name for p in folder.glob("autotune-*.json")) if folder.is_dir() else []
+    return {"enabled": _autotune.tuning_allowed(), "cache_dir": str(folder), "cache_files": files}
 
 
 def _wrap(label: str, text: str, indent: int) -> list[str]:
@@ -94,6 +104,9 @@ def summary(report: dict | None = None) -> str:
     interp = "on: the Triton kernels run on the CPU, slowly" if report["triton_interpret"] else "off"
     lines.append(f"Triton interpreter (TRITON_INTERPRET=1): {interp}")
     lines.append(f"backend choice: {report['backend_choice']} (llama_fast.backend() or LLAMA_FAST_BACKEND change it)")
+    tune = report["autotune"]
+    lines += _wrap("autotuning: ", f"{'on, on CUDA GPUs' if tune['enabled'] else 'off'} (LLAMA_FAST_AUTOTUNE=0: off); "
+                   f"cache {tune['cache_dir']}, {len(tune['cache_files'])} file(s)", 12)
     lines += _wrap("public ops: ", ", ".join(PUBLIC_OPS), 12)
     lines.append("")
     lines.append("backends:")

@@ -8,9 +8,12 @@ build/cuda_emulator) and registered as the "cuda" backend (a test-only one, on C
 tensors, never picked by auto) before tests/_helpers.py asks which backends can run.
 LLAMA_FAST_NO_EMULATOR=1 skips it; a failed build fails the run. The ``installed_cuda``
 fixture puts the package's own cuda backend back for a test."""
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -37,6 +40,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ.get("LLAMA_FAST_NO_EMULATOR", "0") in ("", "0"):
         EMULATOR_PATH = str(emulator_build_module().build())  # raises (loudly) when it fails
+
+# The kernels are tested in their static launch configurations (tests/test_autotune.py turns
+# the autotuner on where it is the subject), and no test reads or writes the user's cache.
+os.environ.setdefault("LLAMA_FAST_AUTOTUNE", "0")
+if "LLAMA_FAST_CACHE_DIR" not in os.environ:
+    os.environ["LLAMA_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama_fast-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLAMA_FAST_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -109,12 +109,12 @@ def test_attention_rows(smoke_run):
     rows = [r for r in json.loads((out / "gpu_check.json").read_text())["rows"] if r["op"] == "attention"]
     got = {(r["shape"], r["pass"], r["provider"]) for r in rows}
     want = {(shape, pass_, provider) for shape in SMOKE_ATTN for pass_ in ("fwd", "bwd", "fwd+bwd")
-            for provider in ("triton", "cuda", "sdpa", "flash-attn")}
+            for provider in ("triton", "triton_static", "cuda", "sdpa", "flash-attn")}
     if torch.cuda.is_available():
         assert want <= got  # and the CUDA-only providers
     else:
         assert got == want  # the CUDA-only providers (sdpa_flash, sdpa_cudnn, sdpa_efficient, flex) give no rows
-    measured = [r for r in rows if r["provider"] in ("triton", "sdpa")]
+    measured = [r for r in rows if r["provider"] in ("triton", "triton_static", "sdpa")]
     for r in measured:
         assert r["ms"] > 0 and r["tflops"] > 0, r
         assert r["gbps"] is None and r["fraction_of_ceiling"] is None  # no ceiling measured in --smoke
@@ -132,9 +132,10 @@ def test_decode_rows(smoke_run):
     _, out = smoke_run
     rows = [r for r in json.loads((out / "gpu_check.json").read_text())["rows"] if r["op"] == "decode"]
     assert {(r["shape"], r["pass"], r["provider"]) for r in rows} == {
-        ("q(1,1,4,16) cache(1,64,2,16)", "fwd", provider) for provider in ("triton", "cuda", "sdpa", "flash-attn")}
+        ("q(1,1,4,16) cache(1,64,2,16)", "fwd", provider)
+        for provider in ("triton", "triton_static", "cuda", "sdpa", "flash-attn")}
     nbytes = (2 * 1 * 64 * 2 * 16 + 2 * 1 * 4 * 16) * 2  # K + V, q + out, bf16
-    for r in (r for r in rows if r["provider"] in ("triton", "sdpa")):
+    for r in (r for r in rows if r["provider"] in ("triton", "triton_static", "sdpa")):
         assert r["ms"] > 0 and r["tflops"] is None, r
         assert r["gbps"] == pytest.approx(nbytes / (r["ms"] * 1e6), rel=2e-3), r
 
@@ -143,7 +144,9 @@ def test_markdown_written(smoke_run):
     _, out = smoke_run
     text = (out / "gpu_check.md").read_text()
     assert "| op | pass | shape | dtype | provider | ms | GB/s | % of copy |" in text
-    assert "| pass | shape | dtype | provider | ms | TFLOP/s | % of matmul | vs sdpa_flash | vs sdpa_cudnn |" in text
+    assert ("| pass | shape | dtype | provider | ms | TFLOP/s | % of matmul | vs sdpa_flash | vs sdpa_cudnn | vs flash-attn "
+            "| vs triton_static |") in text
+    assert "| fwd | q(2,32,4,16) kv(2,32,2,16) causal | bfloat16 | triton_static |" in text
     assert "| shape | dtype | provider | ms | GB/s | % of copy | vs sdpa |" in text
     assert "| shape | provider | ms / step | tokens/s | TFLOP/s |" in text
     assert "| fwd | q(2,32,4,16) kv(2,32,2,16) causal | bfloat16 | triton |" in text
@@ -245,6 +248,41 @@ def test_carried_wheels_are_installed_and_put_on_the_path(tmp_path, monkeypatch)
     assert sys.path[0] == str(site_dir) and os.environ["PYTHONPATH"] == str(site_dir)
     assert importlib.import_module("lf_carried_demo").VALUE == 42
     sys.modules.pop("lf_carried_demo", None)
+
+
+def test_json_records_the_autotuner(smoke_run):
+    _, out = smoke_run
+    history = json.loads((out / "gpu_check.json").read_text())["steps"]["bench"]["autotune"]
+    # Never on the CPU; on a GPU the smoke shapes' head dim 16 has no candidates either (the
+    # records' contents are test_summary_reports_the_tuned_configs_against_the_static_ones's).
+    assert history == []
+
+
+def test_summary_reports_the_tuned_configs_against_the_static_ones():
+    from llama_fast.bench.report import autotune_lines
+
+    default, chosen = ({"BLOCK_M": 128, "BLOCK_N": n, "num_warps": 8, "num_stages": s} for n, s in ((128, 2), (64, 3)))
+    history = [{"key": "fwd sm90 bf16 d128 causal dense S4096", "role": "fwd", "source": "tuned", "config": chosen,
+                "default": default, "ms": {"M128 N128 w8 s2": 2.0, "M128 N64 w8 s3": 1.6, "M64 N64 w4 s3": 1.8},
+                "dropped": {"M128 N64 w8 s2": "spills 16 bytes (255 registers)"}, "seconds": 4.25},
+               {"key": "dq sm90 bf16 d128 causal dense S4096", "role": "dq", "source": "cache", "config": default,
+                "default": default}]
+
+    def row(op, pass_, shape, provider, ms):
+        return {"op": op, "pass": pass_, "shape": shape, "dtype": "bfloat16", "provider": provider, "ms": ms}
+
+    rows = [row("attention", "fwd", "a", "triton", 1.6), row("attention", "fwd", "a", "triton_static", 2.0),
+            row("attention", "bwd", "a", "triton", 4.0), row("attention", "bwd", "a", "triton_static", 3.6),
+            row("attention", "fwd", "b", "triton", 1.0), row("attention", "fwd", "b", "triton_static", None),
+            row("decode", "fwd", "c", "triton", 0.5), row("decode", "fwd", "c", "triton_static", 0.5),
+            row("attention", "fwd", "a", "sdpa_flash", 1.0)]
+    assert autotune_lines(history, rows) == [
+        "autotune fwd sm90 bf16 d128 causal dense S4096: M128 N64 w8 s3 (default M128 N128 w8 s2; 3 timed, 1 dropped, "
+        "4.2 s, 1.25x the default)",
+        "autotune dq sm90 bf16 d128 causal dense S4096: M128 N128 w8 s2 (default M128 N128 w8 s2; from the cache)",
+        "triton (tuned) vs triton_static, attention: tuned faster in 1/2 cases, geomean 1.06x",
+        "triton (tuned) vs triton_static, decode: tuned faster in 0/1 cases, geomean 1.00x",
+    ]
 
 
 def test_summary_compares_cuda_with_triton_per_op():

@@ -23,6 +23,9 @@ def test_wheel_contents(tmp_path):
     for module in ("rms_norm", "rope", "swiglu"):
         assert f"llama_fast/kernels/{module}.py" in names
         assert f"llama_fast/ops/{module if module != 'rms_norm' else 'norm'}.py" in names
+    # The autotuner ships beside the attention kernels whose sources it fingerprints.
+    assert {"llama_fast/kernels/_autotune.py", "llama_fast/kernels/flash_attn.py",
+            "llama_fast/kernels/flash_decode.py", "llama_fast/kernels/_common.py"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "llama-fast = llama_fast.__main__:main" in entry_points
 

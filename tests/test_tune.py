@@ -74,3 +74,44 @@ def test_compile_only_reports_the_candidates_for_hopper(tmp_path):
     for r in rows:
         assert r["error"] is None and r["tensor_cores"] == "wgmma", r
         assert r["shared"] <= 227 * 1024 and isinstance(r["registers"], int)
+
+
+def test_the_autotuners_hopper_candidates_compile_clean_for_sm90(tmp_path):
+    """Every candidate the run-time autotuner offers a Hopper GPU (kernels/_autotune.py)
+    compiles for sm_90 with wgmma, fits 227 KiB, spills nothing and repeats no MMA work, so
+    none costs a compile on the device only to be dropped (a kernel change that breaks one
+    fails here)."""
+    from llama_fast.kernels import _autotune
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "c.json"
+    done = subprocess.run([sys.executable, "-m", "llama_fast.bench.tune", "--compile-only", "90", "--autotuner", "hopper",
+                           "--roles", "fwd,dkdv,dq", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    want = sum(1 + len(_autotune.candidates(role, d, torch.bfloat16, "hopper")) for role in ("fwd", "dkdv", "dq")
+               for d in (64, 128))
+    assert len(rows) == want  # no candidate equals its default
+    for r in rows:
+        assert r["error"] is None and r["tensor_cores"] == "wgmma", r
+        assert r["shared"] <= 227 * 1024 and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["work_ratio"] is not None and r["work_ratio"] <= 1.05, r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run; on a GPU tests/test_autotune.py tunes for real")
+def test_every_autotuner_candidate_computes_what_the_default_does(tmp_path):
+    """Every candidate of the run-time autotuner, of every GPU class, put in place of the
+    default under the interpreter: the forward, the whole backward and a decode step match
+    the default's results (so a fastest candidate never changes what a call computes)."""
+    from llama_fast.kernels import _autotune
+
+    out = tmp_path / "tune.json"
+    assert tune.main(["--smoke", "--autotuner", "all", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r for r in rows if r["error"]] == []
+    for role in tune.ROLES:
+        for d in (64, 128):
+            offered = {tune._label(dict(tune.current_config(role, d), **c)) for gpu in tune.AUTOTUNER_CLASSES
+                       for c in _autotune.candidates(role, d, torch.bfloat16, gpu)}
+            assert offered <= {r["label"] for r in rows if (r["role"], r["head_dim"]) == (role, d)}, (role, d)
