@@ -243,7 +243,7 @@ def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True, l
       takes the sharded weight and never gathers it or the logits (each rank all-reduces
       per-token statistics of its vocabulary shard). The logits of ``forward(tokens)`` are
       gathered (replicated) on every rank, or, with ``loss_parallel``, left sharded on the
-      vocabulary (a DTensor, Shard(-1)) for a loss computed under
+      vocabulary (a DTensor sharded on its last dimension) for a loss computed under
       ``torch.distributed.tensor.parallel.loss_parallel()``, as torchtitan does;
     * tied embeddings (``tie_embeddings``): both modules shard the one weight on the
       vocabulary, Shard(0), so they keep sharing it (one Parameter, re-tied after the plan

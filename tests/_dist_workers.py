@@ -495,3 +495,28 @@ def vocab_parallel_errors_worker(rank: int, world: int, init_file: str, out: str
                 errors[name] = str(e)
         if rank == 0:
             torch.save(errors, out)
+
+
+def loss_parallel_logits_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """tensor_parallel(loss_parallel=True): forward(tokens) gives vocabulary-sharded logits
+    (a DTensor); rank 0 saves their placements, the loss torch computes from them under
+    loss_parallel() and the full gradients of its backward."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        from llama_fast import parallel
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = build("ref")
+        parallel.tensor_parallel(model, mesh, loss_parallel=True)
+        tokens = data(1, 2)[0]
+        logits = model(tokens[:, :-1])
+        with loss_parallel():
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"placements": tuple(logits.placements), "loss": loss.full_tensor().detach(),
+                        "grads": grads}, out)

@@ -446,3 +446,31 @@ def test_fsdp2_hf_fused_loss_matches_single_process(tmp_path, layout):
     assert_same_run(got, losses, params)
     assert got["calls"] == {"fused": STEPS}, got["calls"]
     assert got["warnings"] == []
+
+
+def test_fsdp2_over_tensor_parallel_2x2_through_the_fused_loss_matches_single_process(tmp_path):
+    """2-D on 4 ranks (tensor + sequence parallel inside pairs, FSDP2 across them), trained
+    through the patched model's loss: FSDP gathers the output weight to its tensor-parallel
+    shard (a Shard(0) DTensor on the pair's mesh), so the fused cross-entropy runs
+    vocabulary-parallel inside each pair; several AdamW steps match one process."""
+    got = spawn(tmp_path, W.data_parallel_worker, "ref+loss", STEPS, BATCH, "fsdp+tp", False, False, False, world=4)
+    losses, params = W.train_single("ref+loss", STEPS, BATCH)
+    assert_same_run(got, losses, params)
+
+
+def test_tensor_parallel_loss_parallel_leaves_the_logits_sharded(tmp_path):
+    """tensor_parallel(loss_parallel=True) on 2 ranks: forward(tokens) returns the logits
+    sharded on the vocabulary (a DTensor, Shard(2)), and torch's loss_parallel() computes
+    the loss and gradients of one process from them."""
+    from torch.distributed.tensor import Shard
+
+    got = spawn(tmp_path, W.loss_parallel_logits_worker)
+    assert got["placements"] == (Shard(2),)
+    model = W.build("ref")
+    tokens = W.data(1, 2)[0]
+    with llama_fast.backend("torch"):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
