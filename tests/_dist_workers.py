@@ -327,11 +327,14 @@ def vocab_parallel_op_worker(rank: int, world: int, init_file: str, out: str) ->
                 loss = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
                                                              label_smoothing=smoothing, chunk_size=VP_CHUNK)
             loss.backward(upstream.to(loss.dtype))
+            with torch.no_grad():  # the same loss, no gradient computed
+                loss_no_grad = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+                                                                     label_smoothing=smoothing, chunk_size=VP_CHUNK)
 
             def full(x):
                 return x.full_tensor() if hasattr(x, "full_tensor") else x
             results[name] = {
-                "loss": loss.detach(), "placements": [tuple(w.grad.placements)],
+                "loss": loss.detach(), "loss_no_grad": loss_no_grad, "placements": [tuple(w.grad.placements)],
                 "grad_hidden": full(h.grad), "grad_weight": full(w.grad),
                 "grad_bias": full(b.grad) if b is not None else None,
                 "counts": {str(op): n for op, n in comm.get_comm_counts().items()},

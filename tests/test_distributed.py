@@ -370,6 +370,8 @@ def test_vocab_parallel_cross_entropy_matches_float64(tmp_path):
     for case in W.VOCAB_PARALLEL_CASES:
         name, dtype, layout, target_dt, _, reduction, ignore, _ = case
         r = got[name]
+        torch.testing.assert_close(r["loss_no_grad"], r["loss"], rtol=0, atol=0, equal_nan=True)
+        assert not r["loss_no_grad"].requires_grad
         loss, gh, gw, gb = _float64_cross_entropy(case)
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
         if ignore == "all":  # "mean" over no token: NaN, as F.cross_entropy; the gradients are 0

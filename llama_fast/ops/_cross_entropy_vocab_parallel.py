@@ -114,7 +114,7 @@ def vocab_parallel_cross_entropy(hidden, weight, target, bias, ignore_index: int
     loss = _VocabParallelCrossEntropy.apply(
         rows.reshape(-1, rows.shape[-1]), w_local, full_target.reshape(-1), b_local,
         (offset, weight.shape[0], mesh.get_group(), ignore_index, label_smoothing, reduction, chunk_size,
-         grad_accumulation))
+         grad_accumulation), torch.is_grad_enabled())
     return loss.view(full_target.shape) if reduction == "none" else loss
 
 
@@ -124,9 +124,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     per graph); for "none" the backward runs the chunks again with per-token scales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, config):
+    def forward(ctx, hidden, weight, target, bias, config, grad_enabled):
         reduction = config[5]
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
+        # (grad mode is off inside forward: the caller's is passed in, so no_grad computes no gradient)
+        want = tuple(grad_enabled and w for w in
+                     (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]))
         ctx.config, ctx.want, ctx.has_bias = config, want, bias is not None
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, target, bias)
@@ -146,7 +148,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             gh, gw, gb = (g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
             ctx.grads = None
         gh, gw, gb = (g if w else None for g, w in zip((gh, gw, gb), ctx.want))
-        return gh, gw, None, gb if ctx.has_bias else None, None
+        return gh, gw, None, gb if ctx.has_bias else None, None, None
 
 
 def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
