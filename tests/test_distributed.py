@@ -1,6 +1,9 @@
 """The patched models inside torch.distributed, on the CPU with gloo: meta-device
 initialisation, FSDP2 (``llama_fast.parallel.shard_model``) with and without bfloat16 mixed
-precision, DDP, and activation checkpointing (``llama_fast.parallel.checkpoint_blocks``).
+precision, DDP, and activation checkpointing (``llama_fast.parallel.checkpoint_blocks``);
+tensor (+ sequence) parallelism; the fused cross-entropy with a vocabulary-sharded weight
+(against float64, and training through it under tensor parallel and FSDP2 over it) and the
+Hugging Face fused loss under FSDP2 with the lm_head its own unit.
 
 The process-group tests spawn 2 processes (tests/_dist_workers.py) and compare the losses
 and the parameters after several AdamW steps with a single-process run on the same global

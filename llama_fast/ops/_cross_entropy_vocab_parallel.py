@@ -79,7 +79,8 @@ def _shard_offset(vocab: int, local_rows: int, mesh) -> int:
     per = -(-vocab // k)
     offset = min(vocab, rank * per)
     if local_rows != min(vocab, offset + per) - offset:
-        raise ValueError(f"weight: rank {rank}'s shard has {local_rows} rows, not the {min(vocab, offset + per) - offset} "
+        expected = min(vocab, offset + per) - offset
+        raise ValueError(f"weight: rank {rank}'s shard has {local_rows} rows, not the {expected} "
                          f"of an even Shard(0) split of {vocab} rows over {k} ranks")
     return offset
 
@@ -95,7 +96,8 @@ def vocab_parallel_cross_entropy(hidden, weight, target, bias, ignore_index: int
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh = weight.device_mesh
-    if bias is not None and not (is_dtensor(bias) and bias.device_mesh == mesh and tuple(bias.placements) == (Shard(0),)):
+    if bias is not None and not (is_dtensor(bias) and bias.device_mesh == mesh
+                                 and tuple(bias.placements) == (Shard(0),)):
         raise ValueError("bias must be sharded as the weight is (a DTensor, Shard(0) on the weight's mesh) when the "
                          f"weight is vocabulary-sharded, got {getattr(bias, 'placements', 'a plain tensor')}")
     for name, t in (("hidden", hidden), ("target", target)):
@@ -184,7 +186,10 @@ def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
         here = (local_y >= 0) & (local_y < v_local) & ~ignored  # the target's row is in this shard
         m = z.amax(1) if v_local else torch.full((x.shape[0],), float("-inf"), dtype=F32, device=dev)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        z_y = torch.where(here, z[rows, local_y.clamp(0, max(0, v_local - 1))], 0.0) if v_local else m.new_zeros(m.shape)
+        if v_local:
+            z_y = torch.where(here, z[rows, local_y.clamp(0, v_local - 1)], 0.0)
+        else:  # an empty shard (V < ranks)
+            z_y = m.new_zeros(m.shape)
         z_sum = z.sum(1) if label_smoothing else torch.zeros_like(m)
         p = z.sub_(m[:, None]).exp_()  # in place: z is a float32 copy, or the float32 logits themselves
         stats = torch.stack([p.sum(1), z_y, z_sum])
