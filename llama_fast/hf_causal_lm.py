@@ -14,7 +14,9 @@ no logits entry (``ModelOutput.to_tuple`` leaves out the Nones).
 Everything else runs Hugging Face's forward unchanged: eval mode, no labels (so
 ``generate`` and evaluation see the same logits as before), and, with a warning once, a
 loss function other than ``ForCausalLMLoss`` or an lm_head that is not a plain
-``nn.Linear`` (a quantised or LoRA-wrapped head). ``LOSS_CALLS`` counts which way each
+``nn.Linear`` (a quantised or LoRA-wrapped head). An lm_head that is its own FSDP2 unit
+(``fully_shard(model.lm_head)``) is fused too: the loss runs as an FSDP forward method of
+the head, so FSDP gathers its weight first (``llama_fast.nn.fused_head_kind``). ``LOSS_CALLS`` counts which way each
 call went.
 
 transformers has no extension point for the head, so this re-states the few lines of
@@ -32,13 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from llama_fast.call_counts import CallCounts
-from llama_fast.nn import head_cross_entropy, is_plain_linear
+from llama_fast.nn import fused_head_kind, head_cross_entropy
 
 __all__ = ["LOSS_CALLS", "causal_lm_forward"]
 
 LOSS_CALLS = CallCounts()  # "fused" | "transformers: <why>" -> calls
-
-
 _WARNED: set[str] = set()
 _QUIET = ("eval mode", "no labels")  # the ordinary reasons to run HF's forward: no warning
 _NAMES: dict = {}  # HF's forward -> the names of its positional parameters
@@ -70,8 +70,9 @@ def _unserved(model, named: dict | None) -> str | None:
     if model.loss_function is not ForCausalLMLoss:
         return f"a loss function other than ForCausalLMLoss ({getattr(model.loss_function, '__name__', '?')})"
     head = model.get_output_embeddings()
-    if not is_plain_linear(head):
-        return f"an lm_head that is not a plain nn.Linear ({type(head).__name__}, or hooks on it)"
+    if fused_head_kind(head) is None:
+        return (f"an lm_head that is not a plain nn.Linear ({type(head).__name__}, or hooks on it other than those of "
+                "its own FSDP2 unit)")
     if head.out_features != model.config.vocab_size:
         return f"an lm_head of {head.out_features} outputs for config.vocab_size {model.config.vocab_size}"
     return None
@@ -120,7 +121,7 @@ def _fused_loss_forward(self, *, labels, logits_to_keep=0, return_dict=None, **k
     # The base model's cache (past_key_values, or cache since 5.24), hidden states and
     # attentions, under the names CausalLMOutputWithPast gives them in the same version.
     passed = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
-    out = sys.modules[type(self).__module__].CausalLMOutputWithPast(loss=loss, logits=None, **passed)
+    out = _modeling_module(self).CausalLMOutputWithPast(loss=loss, logits=None, **passed)
     return out if return_dict else out.to_tuple()
 
 
@@ -128,8 +129,19 @@ def _keep(model, hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """The positions HF's forward hands the lm_head: its module's ``slice_logits_to_keep``
     where it has one (5.25 has, with boolean masks too; 5.10 does not), else the
     slice older versions write inline."""
-    slicer = getattr(sys.modules[type(model).__module__], "slice_logits_to_keep", None)
+    slicer = getattr(_modeling_module(model), "slice_logits_to_keep", None)
     if slicer is not None:
         return slicer(hidden, logits_to_keep)
     indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     return hidden[:, indices, :]
+
+
+def _modeling_module(model):
+    """The transformers module that defines the model's class (modeling_llama): the class
+    itself, or its base when FSDP2's fully_shard has swapped in a subclass of its own
+    (``FSDPLlamaForCausalLM``, defined in torch's FSDP module)."""
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if hasattr(module, "CausalLMOutputWithPast"):
+            return module
+    raise TypeError(f"{type(model).__name__}: no transformers modeling module among its classes")

@@ -22,17 +22,21 @@ of the module replaced instead of raising: a drop-in never fails where the origi
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama_fast.ops import SUPPORTED_DTYPES, apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
+from llama_fast.ops.cross_entropy import is_vocab_sharded
 
 __all__ = [
     "RMSNorm",
     "SwiGLUMLP",
     "apply_rotary_pos_emb",
+    "fused_head_kind",
     "head_cross_entropy",
     "is_plain_linear",
     "rotary_half_tables",
@@ -242,6 +246,49 @@ def is_plain_linear(head: nn.Module) -> bool:
             and "forward" not in head.__dict__)
 
 
+def fused_head_kind(head: nn.Module) -> str | None:
+    """How ``head_cross_entropy`` fuses ``head`` with the loss, or None when it cannot (the
+    unfused ``head(hidden)`` then runs):
+
+    * "linear": a plain nn.Linear (``is_plain_linear``), or an nn.Linear whose weight is
+      vocabulary-sharded (a DTensor, Shard(0) on a 1-D mesh: tensor_parallel's output head;
+      its hooks only move layouts, which the vocabulary-parallel loss does itself);
+    * "fsdp": an nn.Linear that is its own FSDP2 unit (``fully_shard(lm_head)``), with no
+      hooks but FSDP's: the loss runs as a registered FSDP forward method
+      (``register_fsdp_forward_method``), so FSDP gathers the weight before it, frees it
+      after, and reduce-scatters its gradient, as around the head's own forward.
+    """
+    if is_plain_linear(head):
+        return "linear"
+    if type(head) is nn.Linear and "forward" not in head.__dict__ and is_vocab_sharded(head.weight):
+        return "linear"
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if (fsdp_module is not None and isinstance(head, fsdp_module) and isinstance(head, nn.Linear)
+            and type(head).forward is nn.Linear.forward and "forward" not in head.__dict__
+            and hasattr(head, "_get_fsdp_state")):
+        state = head._get_fsdp_state()
+        hooks = [*head._forward_pre_hooks.values(), *head._forward_hooks.values()]
+        if all(getattr(hook, "__self__", None) is state for hook in hooks):
+            return "fsdp"
+    return None
+
+
+_FSDP_LOSS_METHOD = "llama_fast_cross_entropy"
+
+
+def _fsdp_head_loss(head: nn.Module):
+    """The head's loss method, registered with FSDP on first use (the user shards after
+    patching, so it cannot be registered earlier)."""
+    method = head.__dict__.get(_FSDP_LOSS_METHOD)
+    if method is None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        setattr(head, _FSDP_LOSS_METHOD, functools.partial(_head_loss, head=head))
+        register_fsdp_forward_method(head, _FSDP_LOSS_METHOD)
+        method = head.__dict__[_FSDP_LOSS_METHOD]
+    return method
+
+
 def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignore_index: int = -100,
                        reduction: str = "mean") -> Tensor:
     """``F.cross_entropy(head(hidden).float().flatten(0, -2), target.flatten(), ...)``: the loss
@@ -252,19 +299,29 @@ def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignor
     for float64 inputs) as the unfused formula's is; the op computes it in float32 and
     rounds it to hidden's dtype first. Under ``torch.autocast`` hidden, weight and bias are
     cast to the autocast dtype, as ``F.linear`` would cast them (custom ops are not
-    autocast-aware). Heads that are not a plain ``nn.Linear``, and dtypes the op does not
-    take (float64), run the unfused formula.
+    autocast-aware). Heads ``fused_head_kind`` does not fuse (a quantised or LoRA-wrapped
+    head, hooks), and dtypes the op does not take (float64), run the unfused formula. A
+    head that is its own FSDP2 unit is gathered by FSDP around the loss; a
+    vocabulary-sharded head (tensor parallel) gives the vocabulary-parallel loss.
     """
+    kind = fused_head_kind(head)
+    if kind == "fsdp":
+        return _fsdp_head_loss(head)(hidden, target, ignore_index=ignore_index, reduction=reduction)
+    return _head_loss(hidden, target, ignore_index=ignore_index, reduction=reduction, head=head, fused=kind is not None)
+
+
+def _head_loss(hidden: Tensor, target: Tensor, *, ignore_index: int, reduction: str, head: nn.Module,
+               fused: bool = True) -> Tensor:
     weight = getattr(head, "weight", None)
     bias = getattr(head, "bias", None)
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    if is_plain_linear(head) and autocast:
+    if fused and autocast:
         dtype = torch.get_autocast_dtype(device_type)
         if hidden.dtype in SUPPORTED_DTYPES and weight.dtype in SUPPORTED_DTYPES and dtype in SUPPORTED_DTYPES:
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-    if (not is_plain_linear(head) or hidden.dtype not in SUPPORTED_DTYPES or weight.dtype != hidden.dtype
+    if (not fused or hidden.dtype not in SUPPORTED_DTYPES or weight.dtype != hidden.dtype
             or (bias is not None and bias.dtype != hidden.dtype)):
         logits = head(hidden)
         logits = logits if logits.dtype == torch.float64 else logits.float()

@@ -229,7 +229,7 @@ _RULES_REGISTERED = False
 # Tensor + sequence parallel
 
 
-def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True) -> nn.Module:
+def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True, loss_parallel: bool = False) -> nn.Module:
     """Megatron-style tensor parallelism of a (patched or not) ``llama_fast.model.Transformer``
     over the 1-D ``mesh``, through ``torch.distributed.tensor.parallel`` (torchtitan's Llama
     plan):
@@ -237,8 +237,17 @@ def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True) -
     * ``wq``, ``wk``, ``wv``, ``w1``, ``w3``: column-parallel (each rank computes its heads
       and its part of the SwiGLU hidden size, on local tensors); ``wo``, ``w2``: row-parallel;
       the attention modules' ``n_heads`` and ``n_kv_heads`` become the local counts;
-    * ``tok_embeddings``: row-parallel (vocabulary-sharded), ``output``: column-parallel,
-      its logits gathered (replicated) on every rank;
+    * ``tok_embeddings``: row-parallel (vocabulary-sharded), ``output``: column-parallel
+      (its weight vocabulary-sharded, Shard(0)). The patched model's loss,
+      ``forward(tokens, targets=...)``, is then vocabulary-parallel: the fused cross-entropy
+      takes the sharded weight and never gathers it or the logits (each rank all-reduces
+      per-token statistics of its vocabulary shard). The logits of ``forward(tokens)`` are
+      gathered (replicated) on every rank, or, with ``loss_parallel``, left sharded on the
+      vocabulary (a DTensor sharded on its last dimension) for a loss computed under
+      ``torch.distributed.tensor.parallel.loss_parallel()``, as torchtitan does;
+    * tied embeddings (``tie_embeddings``): both modules shard the one weight on the
+      vocabulary, Shard(0), so they keep sharing it (one Parameter, re-tied after the plan
+      distributes it; its gradient sums both uses);
     * ``sequence_parallel``: the residual stream between the projections is a DTensor
       sharded on the sequence (Shard(1)), so the norms (``attention_norm``, ``ffn_norm`` and
       the patched block's fused ``add_rms_norm``, ``norm``) run on 1/K of the tokens with
@@ -263,23 +272,25 @@ def tensor_parallel(model: nn.Module, mesh, *, sequence_parallel: bool = True) -
     for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim)):
         if value % k:
             raise ValueError(f"{name} ({value}) must be a multiple of the tensor-parallel size ({k})")
-    if args.tie_embeddings:
-        raise ValueError("tie_embeddings models are not supported: the embedding (row-parallel) and the output "
-                         "(column-parallel) would need two shardings of one weight")
+    logits = Shard(-1) if loss_parallel else Replicate()
     if sequence_parallel:
         # The residual stream is a DTensor sharded on the sequence between the projections.
         parallelize_module(model, mesh, {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
                                               use_local_output=False),
             "norm": SequenceParallel(use_local_output=False),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits, use_local_output=not loss_parallel),
         })
     else:
         # The residual stream is a plain tensor, the same on every rank; so are the norms.
         parallelize_module(model, mesh, {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "output": ColwiseParallel(output_layouts=Replicate(), use_local_output=True),
+            "output": ColwiseParallel(output_layouts=logits, use_local_output=not loss_parallel),
         })
+    if args.tie_embeddings:
+        # The plan gave each module its own distributed copy; the output takes the
+        # embedding's (the same Shard(0) layout), so the weights stay one Parameter.
+        model.output.weight = model.tok_embeddings.weight
     for block in decoder_blocks(model):
         plan = {name: ColwiseParallel() for name in
                 ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")}

@@ -262,3 +262,264 @@ def tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, sequ
         if rank == 0:
             torch.save({"logits": logits.detach(), "grads": grads, "counts": counts,
                         "ops": ops, "inputs": (q, k, v, cos, sin, gate, up)}, out)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused cross-entropy inside torch.distributed: a vocabulary-sharded weight (tensor
+# parallel) and an lm_head that is its own FSDP2 unit.
+
+# (name, dtype, hidden layout, target a DTensor, bias, reduction, ignored tokens, label smoothing)
+VOCAB_PARALLEL_CASES = [
+    ("mean", torch.float32, "replicated", False, False, "mean", False, 0.0),
+    ("mean-seqshard-bias-ignore", torch.float32, "Shard(1)", True, True, "mean", True, 0.0),
+    ("sum-smoothing-ignore", torch.float32, "Shard(1)", False, False, "sum", True, 0.1),
+    ("none-smoothing-bias", torch.float32, "replicated", False, True, "none", True, 0.2),
+    ("none-seqshard", torch.float32, "Shard(1)", True, False, "none", False, 0.0),
+    ("mean-all-ignored", torch.float32, "replicated", False, False, "mean", "all", 0.0),
+    ("bf16-mean-smoothing-bias", torch.bfloat16, "Shard(1)", False, True, "mean", True, 0.1),
+]
+VP_SHAPE = (2, 7, 8)  # (batch, sequence, hidden): 7 tokens shard unevenly over 2 ranks
+VP_VOCAB = 37  # shards of 19 and 18 rows
+VP_CHUNK = 4  # 14 tokens: 4 chunks, the last one short
+
+
+def vocab_parallel_inputs(case):
+    """The global inputs of a VOCAB_PARALLEL_CASES case (the same on every rank): hidden,
+    weight, bias or None, target, the upstream gradient of the loss."""
+    name, dtype, _, _, with_bias, reduction, ignore, _ = case
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    hidden = torch.randn(*VP_SHAPE, generator=g).to(dtype)
+    weight = (torch.randn(VP_VOCAB, VP_SHAPE[-1], generator=g) * 0.5).to(dtype)
+    bias = torch.randn(VP_VOCAB, generator=g).to(dtype) if with_bias else None
+    target = torch.randint(0, VP_VOCAB, VP_SHAPE[:-1], generator=g)
+    if ignore == "all":
+        target[:] = -100
+    elif ignore:
+        target[torch.rand(target.shape, generator=g) < 0.3] = -100
+    upstream = torch.randn(VP_SHAPE[:-1] if reduction == "none" else (), generator=g)
+    return hidden, weight, bias, target, upstream
+
+
+def vocab_parallel_op_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """fused_linear_cross_entropy with the weight (and bias) sharded on the vocabulary over
+    the ranks, for every VOCAB_PARALLEL_CASES case: rank 0 saves the loss and the full
+    gradients of hidden, weight and bias, and the collectives the forward ran."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        import llama_fast
+
+        mesh = init_device_mesh("cpu", (world,))
+        results = {}
+        for case in VOCAB_PARALLEL_CASES:
+            name, _, layout, target_dt, _, reduction, _, smoothing = case
+            hidden, weight, bias, target, upstream = vocab_parallel_inputs(case)
+            if layout == "replicated":
+                h = hidden.clone().requires_grad_()
+            else:
+                h = distribute_tensor(hidden, mesh, [Shard(1)]).requires_grad_()
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+            b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_() if bias is not None else None
+            t = distribute_tensor(target, mesh, [Shard(1)]) if target_dt else target
+            with CommDebugMode() as comm:
+                loss = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+                                                             label_smoothing=smoothing, chunk_size=VP_CHUNK)
+            loss.backward(upstream.to(loss.dtype))
+            with torch.no_grad():  # the same loss, no gradient computed
+                loss_no_grad = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+                                                                     label_smoothing=smoothing, chunk_size=VP_CHUNK)
+
+            def full(x):
+                return x.full_tensor() if hasattr(x, "full_tensor") else x
+            results[name] = {
+                "loss": loss.detach(), "loss_no_grad": loss_no_grad, "placements": [tuple(w.grad.placements)],
+                "grad_hidden": full(h.grad), "grad_weight": full(w.grad),
+                "grad_bias": full(b.grad) if b is not None else None,
+                "counts": {str(op): n for op, n in comm.get_comm_counts().items()},
+            }
+        if rank == 0:
+            torch.save(results, out)
+
+
+def build_reference_for_loss(tied: bool, seed: int = 0):
+    """The patched tiny reference Transformer (``tied``: its output tied to the embeddings,
+    as Llama 3.2), trained through its loss entry point ``forward(tokens, targets=...)``."""
+    import llama_fast
+    from llama_fast.model import ModelArgs, Transformer
+
+    model = Transformer(ModelArgs.from_name("tiny").scaled(tie_embeddings=tied))
+    model.init_weights(seed=seed)
+    llama_fast.patch(model)
+    return model
+
+
+def train_reference_loss_single(tied: bool, steps: int, batch: int):
+    """One process, the torch backend: (losses, {name: parameter}) after ``steps`` AdamW
+    steps of ``build_reference_for_loss(tied)`` on ``data(steps, batch)``."""
+    import llama_fast
+
+    model = build_reference_for_loss(tied)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses = []
+    with llama_fast.backend("torch"):
+        for tokens in data(steps, batch):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def tensor_parallel_loss_worker(rank: int, world: int, init_file: str, out: str, tied: bool,
+                                sequence_parallel: bool, steps: int, batch: int) -> None:
+    """Training steps of the patched reference model under tensor_parallel through its
+    loss (the vocabulary-parallel fused cross-entropy), every rank on the whole batch:
+    rank 0 saves the losses, the full parameters, the first forward's collectives and
+    the output weight's placements."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        from llama_fast import parallel
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = build_reference_for_loss(tied)
+        parallel.tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+        losses, counts = [], None
+        for tokens in data(steps, batch):
+            with CommDebugMode() as comm:
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+            if counts is None:
+                counts = {str(op): n for op, n in comm.get_comm_counts().items()}
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"losses": losses, "params": params, "counts": counts,
+                        "output_placements": tuple(model.output.weight.placements),
+                        "tied": model.output.weight is model.tok_embeddings.weight}, out)
+
+
+def hf_loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The patched HF model's own training loss (labels: HF shifts them), no logits made."""
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def train_hf_loss_single(steps: int, batch: int):
+    """One process: the patched HF Llama trained through its fused loss (labels)."""
+    import llama_fast
+
+    model = build("hf")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses = []
+    with llama_fast.backend("torch"):
+        for tokens in data(steps, batch):
+            loss = hf_loss_of(model, tokens)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def hf_fsdp_loss_worker(rank: int, world: int, init_file: str, out: str, layout: str, steps: int,
+                        batch: int) -> None:
+    """The patched HF Llama under FSDP2 trained through its fused loss (labels), each rank
+    on its share of the batch; ``layout`` "lm_head-unit": fully_shard per block, the
+    lm_head its own unit, then the root; "blocks+root": llama_fast.parallel.shard_model.
+    Rank 0 saves the losses, the full parameters, how the loss calls went
+    (hf_causal_lm.LOSS_CALLS) and llama_fast's warnings."""
+    import warnings
+
+    import torch.distributed as dist
+
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from llama_fast import hf_causal_lm, parallel
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = build("hf")
+        model.train()
+        if layout == "lm_head-unit":
+            for block in parallel.decoder_blocks(model):
+                fully_shard(block, mesh=mesh)
+            fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        else:
+            parallel.shard_model(model, mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+        share = batch // world
+        losses = []
+        hf_causal_lm.LOSS_CALLS.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for tokens in data(steps, batch):
+                loss = hf_loss_of(model, tokens[rank * share:(rank + 1) * share])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                mean = loss.detach().float().clone()
+                dist.all_reduce(mean)
+                losses.append(mean.item() / world)
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"losses": losses, "params": params, "calls": dict(hf_causal_lm.LOSS_CALLS),
+                        "warnings": [str(w.message) for w in caught if "llama_fast" in str(w.message)]}, out)
+
+
+def vocab_parallel_errors_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """The errors of fused_linear_cross_entropy for DTensor layouts it does not take."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        import llama_fast
+
+        mesh = init_device_mesh("cpu", (world,))
+        hidden, weight, _, target, _ = vocab_parallel_inputs(VOCAB_PARALLEL_CASES[0])
+        errors = {}
+        for name, args in (("replicated_weight", (hidden, distribute_tensor(weight, mesh, [Replicate()]))),
+                           ("dtensor_hidden", (distribute_tensor(hidden, mesh, [Replicate()]), weight))):
+            try:
+                llama_fast.fused_linear_cross_entropy(*args, target)
+                errors[name] = "no error"
+            except ValueError as e:
+                errors[name] = str(e)
+        if rank == 0:
+            torch.save(errors, out)
+
+
+def loss_parallel_logits_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """tensor_parallel(loss_parallel=True): forward(tokens) gives vocabulary-sharded logits
+    (a DTensor); rank 0 saves their placements, the loss torch computes from them under
+    loss_parallel() and the full gradients of its backward."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        from llama_fast import parallel
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = build("ref")
+        parallel.tensor_parallel(model, mesh, loss_parallel=True)
+        tokens = data(1, 2)[0]
+        logits = model(tokens[:, :-1])
+        with loss_parallel():
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"placements": tuple(logits.placements), "loss": loss.full_tensor().detach(),
+                        "grads": grads}, out)

@@ -31,7 +31,7 @@ def make_target(shape, vocab, ignore_frac=0.2, ignore_index=-100):
 
 
 def check_ce(backend, hidden, weight, target, *, bias=None, reduction="mean", label_smoothing=0.0,
-             ignore_index=-100, chunk_size=None, dtype=None):
+             ignore_index=-100, chunk_size=None, dtype=None, grad_accumulation="auto"):
     """Loss and the three gradients, for a random upstream gradient, against float64."""
     dtype = dtype or hidden.dtype
     hidden = hidden.detach().requires_grad_()
@@ -40,7 +40,7 @@ def check_ce(backend, hidden, weight, target, *, bias=None, reduction="mean", la
         bias = bias.detach().requires_grad_()
     with llama_fast.backend(backend):
         loss = CE(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing, chunk_size=chunk_size)
+                  label_smoothing=label_smoothing, chunk_size=chunk_size, grad_accumulation=grad_accumulation)
     h64, w64 = f64(hidden, True), f64(weight, True)
     b64 = f64(bias, True) if bias is not None else None
     logits64 = F.linear(h64, w64, b64)
@@ -86,6 +86,62 @@ def test_dtypes(backend, dtype, bias):
     check_ce(backend, randn((2, 3 * 4, h), dtype), randn((v, h), dtype) * 0.5, make_target((2, 3 * 4), v),
              bias=randn((v,), dtype) if bias else None, label_smoothing=0.05, chunk_size=5)
     assert n % 5  # a short last chunk
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_accumulation", ["auto", "float32", "weight_dtype"])
+@pytest.mark.parametrize("chunk", [2, 7], ids=["12-chunks", "4-chunks"])
+def test_weight_grad_accumulation(backend, dtype, grad_accumulation, chunk):
+    """The weight gradient summed over chunks in float32 or in the weight's dtype ("auto":
+    the weight's up to 8 chunks, float32 beyond): within the dtype's tolerance of float64
+    either way, with a bias and label smoothing."""
+    n, h, v = 23, 16, 300
+    check_ce(backend, randn((n, h), dtype), randn((v, h), dtype) * 0.5, make_target((n,), v),
+             bias=randn((v,), dtype), label_smoothing=0.1, chunk_size=chunk, grad_accumulation=grad_accumulation)
+
+
+def test_weight_grad_accumulator_rule():
+    """Where the weight gradient is summed: the weight's dtype for one chunk, a float32
+    weight, "weight_dtype", "auto" up to WEIGHT_DTYPE_MAX_CHUNKS chunks; float32 otherwise."""
+    limit = reference.WEIGHT_DTYPE_MAX_CHUNKS
+    assert limit == 8
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        w = torch.empty(3, 2, dtype=dtype)
+        for chunks in (1, 2, limit, limit + 1, 64):
+            for mode in reference.GRAD_ACCUMULATIONS:
+                buf = reference.weight_grad_accumulator(w, chunks, mode)
+                in_weight_dtype = (chunks == 1 or dtype == torch.float32 or mode == "weight_dtype"
+                                   or (mode == "auto" and chunks <= limit))
+                assert buf.shape == w.shape and buf.dtype == (dtype if in_weight_dtype else torch.float32), (
+                    dtype, chunks, mode, buf.dtype)
+
+
+def test_weight_dtype_sum_error_against_float64():
+    """The numerics behind "auto" (bf16, torch backend, against float64 of the same bf16
+    inputs; relative Frobenius error of the weight gradient): the float32 sum's error does
+    not depend on the chunk count (one rounding at the end); the weight-dtype sum's grows
+    with it, stays within 2x of the float32 sum's up to WEIGHT_DTYPE_MAX_CHUNKS chunks, and
+    passes 2x well before 64."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 4096, 64, 512
+    hidden = torch.randn(n, h, generator=g).bfloat16()
+    weight = (torch.randn(v, h, generator=g) * h ** -0.5 * 2).bfloat16()
+    target = torch.randint(0, v, (n,), generator=g)
+    w64 = f64(weight, True)
+    F.cross_entropy(F.linear(f64(hidden), w64), target).backward()
+
+    def error(chunks, mode):
+        w = weight.clone().requires_grad_()
+        with llama_fast.backend("torch"):
+            CE(hidden, w, target, chunk_size=n // chunks, grad_accumulation=mode).backward()
+        return ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+
+    float32 = [error(c, "float32") for c in (1, 8, 64)]
+    assert max(float32) <= 1.05 * min(float32), float32
+    ratios = {c: error(c, "weight_dtype") / float32[0] for c in (2, reference.WEIGHT_DTYPE_MAX_CHUNKS, 64)}
+    print("weight-dtype sum error / float32 sum error:", ratios)
+    assert ratios[2] <= ratios[reference.WEIGHT_DTYPE_MAX_CHUNKS] <= 2.0 < ratios[64], ratios
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -272,6 +328,8 @@ BAD_INPUTS = [
      "ignore_index must be an int"),
     ("chunk_size 0", lambda: CE(_t(2, 4), _t(3, 4), _ids(2), chunk_size=0), ValueError, "chunk_size must be"),
     ("empty vocabulary", lambda: CE(_t(2, 4), _t(0, 4), _ids(2)), ValueError, "vocabulary must be at least 1"),
+    ("grad_accumulation", lambda: CE(_t(2, 4), _t(3, 4), _ids(2), grad_accumulation="bf16"), ValueError,
+     "grad_accumulation must be one of"),
 ]
 
 

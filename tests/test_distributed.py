@@ -1,6 +1,9 @@
 """The patched models inside torch.distributed, on the CPU with gloo: meta-device
 initialisation, FSDP2 (``llama_fast.parallel.shard_model``) with and without bfloat16 mixed
-precision, DDP, and activation checkpointing (``llama_fast.parallel.checkpoint_blocks``).
+precision, DDP, and activation checkpointing (``llama_fast.parallel.checkpoint_blocks``);
+tensor (+ sequence) parallelism; the fused cross-entropy with a vocabulary-sharded weight
+(against float64, and training through it under tensor parallel and FSDP2 over it) and the
+Hugging Face fused loss under FSDP2 with the lm_head its own unit.
 
 The process-group tests spawn 2 processes (tests/_dist_workers.py) and compare the losses
 and the parameters after several AdamW steps with a single-process run on the same global
@@ -335,3 +338,144 @@ def test_compiled_blocks_do_not_recompile_per_call():
         assert counters["stats"]["unique_graphs"] <= model.args.n_layers
     finally:
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------
+# The fused cross-entropy with a vocabulary-sharded weight (tensor parallel)
+
+
+def _float64_cross_entropy(case):
+    """Loss and gradients of hidden, weight, bias (None without one) in float64, one process."""
+    _, _, _, _, _, reduction, _, smoothing = case
+    hidden, weight, bias, target, upstream = W.vocab_parallel_inputs(case)
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    b = bias.double().requires_grad_() if bias is not None else None
+    logits = torch.nn.functional.linear(h, w, b)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction,
+                                             label_smoothing=smoothing)
+    loss = loss.view(target.shape) if reduction == "none" else loss
+    loss.backward(upstream.double())
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def test_vocab_parallel_cross_entropy_matches_float64(tmp_path):
+    """fused_linear_cross_entropy with its weight (and bias) sharded on the vocabulary over
+    2 gloo ranks (37 rows: shards of 19 and 18), hidden replicated or sequence-sharded (7
+    tokens: 4 and 3), the target plain or a DTensor, 4 chunks of tokens: the loss and the
+    gradients of hidden, of each weight shard and of the bias against one process in
+    float64, for every reduction, ignored tokens (all of them too), label smoothing and
+    bfloat16. The forward gathers nothing of the weight or the logits: its collectives are
+    the hidden states' gather (when sequence-sharded), the target's, and two all-reduces per
+    chunk (max, then the stacked sums)."""
+    from torch.distributed.tensor import Shard
+
+    got = spawn(tmp_path, W.vocab_parallel_op_worker)
+    for case in W.VOCAB_PARALLEL_CASES:
+        name, dtype, layout, target_dt, _, reduction, ignore, _ = case
+        r = got[name]
+        torch.testing.assert_close(r["loss_no_grad"], r["loss"], rtol=0, atol=0, equal_nan=True)
+        assert not r["loss_no_grad"].requires_grad
+        loss, gh, gw, gb = _float64_cross_entropy(case)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        if ignore == "all":  # "mean" over no token: NaN, as F.cross_entropy; the gradients are 0
+            assert torch.isnan(r["loss"]) and torch.isnan(loss)
+            assert not r["grad_hidden"].any() and not r["grad_weight"].any()
+            continue
+        torch.testing.assert_close(r["loss"].double(), loss, **tol, msg=lambda m: f"{name} loss: {m}")
+        for what, ref in (("grad_hidden", gh), ("grad_weight", gw), ("grad_bias", gb)):
+            if ref is None:
+                assert r[what] is None, (name, what)
+                continue
+            assert r[what].dtype == dtype, (name, what, r[what].dtype)
+            torch.testing.assert_close(r[what].double(), ref, **tol, msg=lambda m: f"{name} {what}: {m}")
+        assert r["placements"] == [(Shard(0),)]
+        counts = r["counts"]
+        chunks = -(-VP_TOKENS // W.VP_CHUNK)
+        assert counts.get("c10d.allreduce_", 0) == 2 * chunks, (name, counts)
+        gathers = (layout != "replicated") + target_dt
+        assert counts.get("c10d_functional.all_gather_into_tensor", 0) == gathers, (name, counts)
+
+
+VP_TOKENS = W.VP_SHAPE[0] * W.VP_SHAPE[1]
+
+
+@pytest.mark.parametrize("tied,sequence_parallel", [(False, True), (False, False), (True, True)],
+                         ids=["tp-sp", "tp", "tp-sp-tied"])
+def test_tensor_parallel_training_through_the_fused_loss_matches_single_process(tmp_path, tied, sequence_parallel):
+    """The patched reference model under tensor_parallel on 2 ranks, trained through its loss
+    (forward(tokens, targets=...)): the fused cross-entropy runs vocabulary-parallel on the
+    output's Shard(0) weight, and several AdamW steps match one process. Tied embeddings
+    keep one Parameter, sharded on the vocabulary for both uses. The logits are never
+    gathered: the forward's all-gathers are the plan's own (two per block with sequence
+    parallelism, plus the head's input), none of size tokens x vocabulary."""
+    from torch.distributed.tensor import Shard
+
+    got = spawn(tmp_path, W.tensor_parallel_loss_worker, tied, sequence_parallel, STEPS, BATCH)
+    losses, params = W.train_reference_loss_single(tied, STEPS, BATCH)
+    assert_same_run(got, losses, params)
+    if not tied:  # (the tied model's unit-variance output weight starts far off: 4 steps do not lower it)
+        assert losses[-1] < losses[0]
+    assert got["output_placements"] == (Shard(0),)
+    assert got["tied"] == tied
+    layers = ModelArgs.from_name("tiny").n_layers
+    counts = got["counts"]
+    if sequence_parallel:
+        assert counts["c10d_functional.all_gather_into_tensor"] == 2 * layers + 1, counts
+    else:
+        assert counts.get("c10d_functional.all_gather_into_tensor", 0) == 0, counts
+    assert counts["c10d.allreduce_"] == 2, counts  # one chunk of tokens: max, then the sums
+
+
+def test_fused_cross_entropy_names_the_rule_for_other_dtensor_layouts(tmp_path):
+    """A DTensor weight that is not vocabulary-sharded, or a DTensor hidden with a plain
+    weight, raise ValueError naming the rule (checked in a 1-rank process group)."""
+    got = spawn(tmp_path, W.vocab_parallel_errors_worker, world=1)
+    assert "placements (Shard(0),)" in got["replicated_weight"], got
+    assert "hidden is a DTensor but weight is not" in got["dtensor_hidden"], got
+
+
+# ---------------------------------------------------------------------------------------
+# The HF fused loss under FSDP2
+
+
+@pytest.mark.parametrize("layout", ["lm_head-unit", "blocks+root"])
+def test_fsdp2_hf_fused_loss_matches_single_process(tmp_path, layout):
+    """The patched HF LlamaForCausalLM under FSDP2 on 2 ranks, trained through its own loss
+    (labels): with the lm_head its own FSDP2 unit, the fused loss runs as an FSDP forward
+    method of the head (FSDP gathers its weight, reduce-scatters its gradient); with blocks
+    + root, on the root's gathered head. Every call is fused, no fallback warning, and
+    several AdamW steps match one process."""
+    pytest.importorskip("transformers")
+    got = spawn(tmp_path, W.hf_fsdp_loss_worker, layout, STEPS, BATCH)
+    losses, params = W.train_hf_loss_single(STEPS, BATCH)
+    assert_same_run(got, losses, params)
+    assert got["calls"] == {"fused": STEPS}, got["calls"]
+    assert got["warnings"] == []
+
+
+def test_fsdp2_over_tensor_parallel_2x2_through_the_fused_loss_matches_single_process(tmp_path):
+    """2-D on 4 ranks (tensor + sequence parallel inside pairs, FSDP2 across them), trained
+    through the patched model's loss: FSDP gathers the output weight to its tensor-parallel
+    shard (a Shard(0) DTensor on the pair's mesh), so the fused cross-entropy runs
+    vocabulary-parallel inside each pair; several AdamW steps match one process."""
+    got = spawn(tmp_path, W.data_parallel_worker, "ref+loss", STEPS, BATCH, "fsdp+tp", False, False, False, world=4)
+    losses, params = W.train_single("ref+loss", STEPS, BATCH)
+    assert_same_run(got, losses, params)
+
+
+def test_tensor_parallel_loss_parallel_leaves_the_logits_sharded(tmp_path):
+    """tensor_parallel(loss_parallel=True) on 2 ranks: forward(tokens) returns the logits
+    sharded on the vocabulary (a DTensor, Shard(2)), and torch's loss_parallel() computes
+    the loss and gradients of one process from them."""
+    from torch.distributed.tensor import Shard
+
+    got = spawn(tmp_path, W.loss_parallel_logits_worker)
+    assert got["placements"] == (Shard(2),)
+    model = W.build("ref")
+    tokens = W.data(1, 2)[0]
+    with llama_fast.backend("torch"):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -20,3 +20,13 @@ def check_same(kind: str, names: tuple[str, ...], values: tuple) -> None:
     if any(v != values[0] for v in values[1:]):
         listed = ", ".join(f"{n}={v}" for n, v in zip(names, values))
         raise (TypeError if kind == "dtype" else ValueError)(f"{' and '.join(names)} must have the same {kind}: {listed}")
+
+
+def check_class_indices(target: Tensor, vocab: int, ignore_index: int) -> None:
+    """On the CPU a target outside [0, V) raises here, as F.cross_entropy does; on a GPU that
+    check would stall the stream, so the loss of such a token is NaN instead."""
+    if target.device.type == "cpu" and target.numel():
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"target must hold class indices in [0, {vocab}) or ignore_index={ignore_index}, "
+                             f"got {target[bad][0].item()}")

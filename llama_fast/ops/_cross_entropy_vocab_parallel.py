@@ -1,0 +1,226 @@
+"""The fused linear cross-entropy with a vocabulary-sharded weight (tensor parallel).
+
+``fused_linear_cross_entropy`` comes here when ``weight`` is a DTensor sharded on the
+vocabulary, placements ``(Shard(0),)`` on a 1-D mesh: what ``llama_fast.parallel.
+tensor_parallel`` makes of the output head (column-parallel, as torchtitan's loss
+parallelism). Each rank holds V/K rows of the weight and never sees the others' rows nor
+the (tokens x V) logits:
+
+* every rank takes every token's hidden state (a sequence-sharded DTensor is gathered, as
+  the column-parallel head gathers its input) and, chunk by chunk, computes its shard's
+  logits, their per-token max, all-reduced with MAX; then the sum of exp(z - max), the
+  target's logit (0 on the ranks whose shard does not hold the target) and, with label
+  smoothing, the sum of the logits, stacked into one all-reduce with SUM. That is the
+  numerically stable log-sum-exp over the whole vocabulary; the loss follows from it on
+  every rank alike;
+* still within the chunk, each rank turns its shard of the logits into their gradient,
+  ``softmax - eps / V - (1 - eps) * onehot(target)``, and accumulates its shard's weight
+  (and bias) gradient and its partial gradient of the hidden states: the sum over the
+  vocabulary shards of ``d logits_shard @ W_shard``. That partial sum is handed back to
+  DTensor as ``Partial`` (``to_local(grad_placements=[Partial()])``), so the hidden states'
+  gradient is all-reduced, or reduce-scattered for a sequence-sharded input, by DTensor's
+  own redistribution; the weight's gradient is its local shard, Shard(0), with no
+  collective.
+
+Per chunk of C tokens that is two all-reduces, of C and 3 x C float32 values; nothing of
+size V or V x H moves between ranks.
+
+Why an explicit path and not a DTensor sharding strategy (``register_sharding`` like the
+other ops, llama_fast.parallel): a strategy maps input placements to output placements and
+then runs the same local op on every rank's shards. The loss is not a placement of local
+results: the log-sum-exp needs the max and the sum over every shard *in the middle* of
+each chunk (before any gradient can be formed), and the target's logit needs to know which
+vocabulary rows the local shard holds (its offset), which the local op is never told. Split
+into several ops (a Partial("max") op, then a sum op) it would compute each chunk's logits
+twice and still lack the offset. So the op takes the DTensors, runs its chunks on the local
+tensors and calls the mesh's process group itself.
+
+Per-chunk math here is PyTorch (float32 softmax, the logits' matmuls in the inputs' dtype
+with float32 accumulation): the Triton kernel of the single-device op computes the
+log-sum-exp of its own row, not a cross-rank one. Eager mode only (the collectives run
+inside an autograd.Function, which torch.compile is not asked to trace).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+from llama_fast.reference import F32, accumulate_weight_grad, linear_ce_chunk_rows, weight_grad_accumulator
+
+from ._checks import check_class_indices
+
+
+def dtensor_class():
+    """DTensor's class once ``torch.distributed.tensor`` has been imported, else None (no
+    tensor can be a DTensor before): the single-device path pays no import for the check."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def is_vocab_sharded(weight) -> bool:
+    """A DTensor weight (V, H) sharded on the vocabulary over a 1-D mesh: this path's input."""
+    if not is_dtensor(weight):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),)
+
+
+def _shard_offset(vocab: int, local_rows: int, mesh) -> int:
+    """The first vocabulary row of this rank's shard: DTensor's Shard(0) splits as
+    ``torch.chunk`` does, ceil(V / K) rows per rank, the last ones shorter or empty."""
+    k, rank = mesh.size(), mesh.get_local_rank()
+    per = -(-vocab // k)
+    offset = min(vocab, rank * per)
+    if local_rows != min(vocab, offset + per) - offset:
+        expected = min(vocab, offset + per) - offset
+        raise ValueError(f"weight: rank {rank}'s shard has {local_rows} rows, not the {expected} "
+                         f"of an even Shard(0) split of {vocab} rows over {k} ranks")
+    return offset
+
+
+def vocab_parallel_cross_entropy(hidden, weight, target, bias, ignore_index: int, reduction: str,
+                                 label_smoothing: float, chunk_size: int, grad_accumulation: str) -> Tensor:
+    """The loss of ``fused_linear_cross_entropy`` for a vocabulary-sharded ``weight``
+    (``is_vocab_sharded``); the arguments are already checked against the global shapes.
+    ``hidden`` and ``target``: DTensors on the weight's mesh (any placements) or plain
+    tensors holding the same values on every rank. ``bias``: None or sharded as the weight.
+    Returns a plain tensor, the same on every rank: the scalar loss, or the per-token losses
+    of every token in ``target``'s shape."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = weight.device_mesh
+    if bias is not None and not (is_dtensor(bias) and bias.device_mesh == mesh
+                                 and tuple(bias.placements) == (Shard(0),)):
+        raise ValueError("bias must be sharded as the weight is (a DTensor, Shard(0) on the weight's mesh) when the "
+                         f"weight is vocabulary-sharded, got {getattr(bias, 'placements', 'a plain tensor')}")
+    for name, t in (("hidden", hidden), ("target", target)):
+        if is_dtensor(t) and t.device_mesh != mesh:
+            raise ValueError(f"{name} must be a DTensor on the weight's mesh or a plain tensor, got a DTensor on "
+                             f"{t.device_mesh}")
+    if not is_dtensor(hidden):
+        hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
+    # Every token on every rank; the gradient comes back as a partial sum over the shards.
+    rows = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+    full_target = target.full_tensor() if is_dtensor(target) else target
+    check_class_indices(full_target, weight.shape[0], ignore_index)
+    w_local = weight.to_local()
+    b_local = bias.to_local() if bias is not None else None
+    offset = _shard_offset(weight.shape[0], w_local.shape[0], mesh)
+    loss = _VocabParallelCrossEntropy.apply(
+        rows.reshape(-1, rows.shape[-1]), w_local, full_target.reshape(-1), b_local,
+        (offset, weight.shape[0], mesh.get_group(), ignore_index, label_smoothing, reduction, chunk_size,
+         grad_accumulation), torch.is_grad_enabled())
+    return loss.view(full_target.shape) if reduction == "none" else loss
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """As the single-device op: for "mean"/"sum" the forward computes the gradients while
+    each chunk's logits are at hand and the backward scales them in place (one backward
+    per graph); for "none" the backward runs the chunks again with per-token scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, config, grad_enabled):
+        reduction = config[5]
+        # (grad mode is off inside forward: the caller's is passed in, so no_grad computes no gradient)
+        want = tuple(grad_enabled and w for w in
+                     (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]))
+        ctx.config, ctx.want, ctx.has_bias = config, want, bias is not None
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, target, bias)
+            loss, *_ = shard_pass(hidden, weight, target, bias, config, (False, False, False), None)
+            return loss.to(hidden.dtype)
+        loss, gh, gw, gb = shard_pass(hidden, weight, target, bias, config, want, None)
+        ctx.grads = (gh, gw, gb)
+        return loss.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.config[5] == "none":
+            hidden, weight, target, bias = ctx.saved_tensors
+            _, gh, gw, gb = shard_pass(hidden, weight, target, bias, ctx.config, ctx.want, grad_loss.to(F32))
+        else:
+            # Scaled in place (a copy would add a weight's worth of memory at the peak).
+            gh, gw, gb = (g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
+        gh, gw, gb = (g if w else None for g, w in zip((gh, gw, gb), ctx.want))
+        return gh, gw, None, gb if ctx.has_bias else None, None, None
+
+
+def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
+    """One chunked pass over this rank's vocabulary shard (the collectives included):
+    ``(loss, grad_hidden (partial), grad_weight_shard, grad_bias_shard)`` as
+    ``reference.linear_cross_entropy`` returns them, for the shard's rows."""
+    import torch.distributed as dist
+
+    offset, vocab, group, ignore_index, label_smoothing, reduction, chunk_size, grad_accumulation = config
+    n, h = hidden.shape
+    v_local = weight.shape[0]
+    want_h, want_w, want_b = grads
+    compute_grad = want_h or want_w or want_b
+    chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, max(1, v_local))))
+    dev = hidden.device
+    if row_scale is not None:
+        scale = row_scale
+    elif reduction == "mean":
+        scale = 1.0 / (target != ignore_index).sum().to(F32)
+    else:
+        scale = torch.ones((), dtype=F32, device=dev)
+    losses = torch.empty((n,), dtype=F32, device=dev)
+    gh = torch.empty((n, h), dtype=hidden.dtype, device=dev) if want_h else hidden.new_empty(0)
+    gw = weight_grad_accumulator(weight, -(-n // chunk), grad_accumulation) if want_w else weight.new_empty(0)
+    gb = torch.zeros(v_local, dtype=F32, device=dev) if want_b else hidden.new_empty(0)
+    for i0 in range(0, n, chunk):
+        x, y = hidden[i0:i0 + chunk], target[i0:i0 + chunk]
+        rows = torch.arange(x.shape[0], device=dev)
+        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # the inputs' dtype
+        z = logits.to(F32)
+        ignored = y == ignore_index
+        local_y = y - offset
+        here = (local_y >= 0) & (local_y < v_local) & ~ignored  # the target's row is in this shard
+        m = z.amax(1) if v_local else torch.full((x.shape[0],), float("-inf"), dtype=F32, device=dev)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        if v_local:
+            z_y = torch.where(here, z[rows, local_y.clamp(0, v_local - 1)], 0.0)
+        else:  # an empty shard (V < ranks)
+            z_y = m.new_zeros(m.shape)
+        z_sum = z.sum(1) if label_smoothing else torch.zeros_like(m)
+        p = z.sub_(m[:, None]).exp_()  # in place: z is a float32 copy, or the float32 logits themselves
+        stats = torch.stack([p.sum(1), z_y, z_sum])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        s, z_y, z_sum = stats
+        lse = m + s.log()
+        z_y = torch.where((y >= 0) & (y < vocab) | ignored, z_y, float("nan"))
+        loss = lse - z_y
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_sum / vocab)
+        losses[i0:i0 + chunk] = torch.where(ignored, 0.0, loss)
+        if not compute_grad:
+            continue
+        chunk_scale = (scale.expand(y.shape) if scale.numel() == 1 else scale[i0:i0 + chunk])
+        chunk_scale = torch.where(ignored, 0.0, chunk_scale)  # not 0 * inf: "mean" of no tokens
+        g = p.div_(s[:, None])
+        if label_smoothing:
+            g.sub_(label_smoothing / vocab)
+        g[rows[here], local_y[here]] -= 1.0 - label_smoothing
+        g = g.mul_(chunk_scale[:, None]).to(hidden.dtype)
+        if want_h:
+            torch.mm(g, weight, out=gh[i0:i0 + chunk])
+        if want_w:
+            accumulate_weight_grad(gw, g.t(), x, first=i0 == 0)
+        if want_b:
+            gb += g.sum(0, dtype=F32)
+    if want_w and gw.dtype != weight.dtype:
+        gw = gw.to(weight.dtype)
+    if want_b:
+        gb = gb.to(bias.dtype)
+    if reduction == "none" or row_scale is not None:
+        return losses, gh, gw, gb
+    total = losses.sum()
+    return (total * scale if reduction == "mean" else total), gh, gw, gb
