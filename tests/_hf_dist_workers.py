@@ -7,7 +7,8 @@ each spawned process imports it afresh.
   (``llama_fast.patch_transformers()``) or after (``llama_fast.patch(model)``);
 * ``accelerate_fsdp2_worker``: accelerate's ``Accelerator`` with a
   ``FullyShardedDataParallelPlugin(fsdp_version=2)`` preparing a patched tiny Llama and its
-  optimiser, then training a few steps.
+  optimiser, then training a few steps (accelerate picks FSDP only on accelerators; on
+  CPUs the worker sets that state itself, see there).
 
 As in tests/_dist_workers.py, every rank runs the "torch" backend (the PyTorch reference of
 the llama_fast ops, through the custom ops and the patched modules) inside ``rank_session``
@@ -162,11 +163,14 @@ def accelerate_fsdp2_worker(rank: int, world: int, init_file: str, out: str, ste
     prepared by the Accelerator, each rank on its contiguous share of the global batch.
     Rank 0 saves the mean losses, the full parameters, the wrapping accelerate did and the
     attention paths taken."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    # What torchrun would set: accelerate reads the CPU ranks' layout from them (the gloo
+    # group itself is rank_session's, which accelerate finds initialised and keeps).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1")
     with rank_session(rank, world, init_file, out):
         import torch.distributed as dist
         from accelerate import Accelerator
-        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
         from transformers import LlamaForCausalLM
 
         import llama_fast
@@ -176,12 +180,25 @@ def accelerate_fsdp2_worker(rank: int, world: int, init_file: str, out: str, ste
                                                 transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
                                                 reshard_after_forward=True)
         accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+        # accelerate (1.16) turns FSDP on only for accelerator process groups (MULTI_GPU,
+        # MULTI_XPU, ...): on CPUs it keeps MULTI_CPU and ignores the plugin, so prepare()
+        # would wrap the model in DDP. Record that, then set the state FSDP would have
+        # set, so that prepare() runs accelerate's own FSDP2 path (fsdp2_prepare_model:
+        # its auto-wrap policy, fully_shard, the optimiser's parameters swapped for the
+        # sharded ones) on the gloo group.
+        chosen = str(accelerator.distributed_type)
+        if accelerator.distributed_type != DistributedType.FSDP:
+            accelerator.state.distributed_type = DistributedType.FSDP
+            accelerator.state.fsdp_plugin = plugin
+        is_fsdp2 = accelerator.is_fsdp2
         torch.manual_seed(0)
         model = LlamaForCausalLM(hf_config())
         llama_fast.patch(model)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         model, opt = accelerator.prepare(model, opt)
-        sharded = sorted({type(m).__name__ for m in model.modules() if "FSDP" in type(m).__name__})
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, FSDPModule)}
         share = batch // world
         losses = []
         ATTENTION_CALLS.clear()
@@ -196,5 +213,5 @@ def accelerate_fsdp2_worker(rank: int, world: int, init_file: str, out: str, ste
         params = {n: _full(p) for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"losses": losses, "params": params, "sharded": sharded,
-                        "distributed_type": str(accelerator.distributed_type),
+                        "chosen": chosen, "is_fsdp2": is_fsdp2,
                         "attention": dict(ATTENTION_CALLS)}, out)

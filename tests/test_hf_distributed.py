@@ -29,6 +29,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 pytest.importorskip("transformers")
 import _hf_dist_workers as H  # noqa: E402
 
+STEPS, BATCH = 3, 4
+
 
 @pytest.mark.parametrize("when", ["before", "after"], ids=["patch_transformers-first", "patch-after-loading"])
 def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
@@ -95,3 +97,27 @@ def joined(pieces, shape):
         return pieces[0]
     (dim,) = [d for d, (a, b) in enumerate(zip(pieces[0].shape, shape)) if a != b]
     return torch.cat(pieces, dim)
+
+
+def test_accelerate_fsdp2_trains_the_patched_model_as_one_process(tmp_path):
+    """accelerate's FSDP2 (Accelerator with FullyShardedDataParallelPlugin(fsdp_version=2),
+    auto-wrapping transformers' decoder layers) on 2 gloo ranks: ``prepare`` shards the
+    patched tiny Llama (the decoder layers, the root, and the leaves accelerate's policy
+    adds: embeddings, the final llama_fast RMSNorm, lm_head) and its AdamW; three steps
+    give the losses and parameters one unwrapped process gets on the same global batch, and
+    the attention ran the fused kernel.
+
+    accelerate 1.16 picks FSDP only on accelerators: on CPUs it reports MULTI_CPU and would
+    silently prepare DDP (``chosen`` below), so the worker sets the FSDP state itself and
+    the rest is accelerate's own FSDP2 path (see _hf_dist_workers.accelerate_fsdp2_worker)."""
+    pytest.importorskip("accelerate")
+    got = spawn(tmp_path, H.accelerate_fsdp2_worker, STEPS, BATCH)
+    losses, params = H.train_hf_single(STEPS, BATCH, patched=True)
+    assert got["chosen"] in ("DistributedType.MULTI_CPU", "DistributedType.FSDP"), got["chosen"]
+    assert got["is_fsdp2"]
+    assert got["sharded"] == {"": "FSDPLlamaForCausalLM", "model.embed_tokens": "FSDPEmbedding",
+                              "model.layers.0": "FSDPLlamaDecoderLayer", "model.layers.1": "FSDPLlamaDecoderLayer",
+                              "model.norm": "FSDPRMSNorm", "lm_head": "FSDPLinear"}, got["sharded"]
+    assert got["attention"] == {"flash_attn": 2 * STEPS}, got["attention"]
+    assert_same_run(got, losses, params)
+    assert losses[-1] < losses[0]
