@@ -41,6 +41,7 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     rank's local heads and the patched norms and MLP run on local tensors. Eval logits
     (transformers' no-grad path), training loss (and logits where HF's forward makes them)
     and every parameter's gradient match the unsharded, unpatched model in float32."""
+    pytest.importorskip("accelerate", reason="transformers' from_pretrained(tp_plan=...) requires accelerate")
     folder = tmp_path / "tiny"
     H.save_tiny_checkpoint(str(folder))
     got = spawn(tmp_path, H.hf_tensor_parallel_worker, str(folder), when)
