@@ -67,18 +67,28 @@ def _tp_run(model, tokens):
     return eval_logits, train_logits, out.loss.detach().clone(), grads
 
 
+def _generate(model, tokens):
+    """Greedy decoding of 4 tokens after the first 8 of each row (a KV cache: prefill, then
+    one query at a time)."""
+    model.eval()
+    with torch.no_grad():
+        return model.generate(input_ids=tokens[:, :8], max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                              pad_token_id=0)
+
+
 def tp_reference(folder: str):
-    """The unsharded, unpatched model's ``_tp_run`` on the same batch: what the ranks must give."""
+    """The unsharded, unpatched model's ``_tp_run`` and ``_generate`` on the same batch: what
+    the ranks must give."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return _tp_run(model, data(1, 2)[0])
+    return _tp_run(model, data(1, 2)[0]), _generate(model, data(1, 2)[0])
 
 
 def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, folder: str, when: str) -> None:
     """One rank of ``from_pretrained(folder, tp_plan="auto")``, patched ``when`` = "before"
     (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model).
-    Rank 0 saves ``_tp_run``'s results, the attention and loss paths taken, what the patch
+    Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, what the patch
     replaced, and the kinds of tensor the patched modules were given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     with rank_session(rank, world, init_file, out):
@@ -113,13 +123,18 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
         eval_logits, train_logits, loss, grads = _tp_run(model, data(1, 2)[0])
         for h in handles:
             h.remove()
+        attention, loss_calls = dict(ATTENTION_CALLS), dict(LOSS_CALLS)
+        ATTENTION_CALLS.clear()
+        generated = _generate(model, data(1, 2)[0])
+        decode_attention = dict(ATTENTION_CALLS)
         # Per parameter: its type, placements (DTensor) and this rank's local shape.
         params = {n: (type(p).__name__, [str(pl) for pl in getattr(p, "placements", ())],
                       tuple((p.to_local() if hasattr(p, "to_local") else p).shape))
                   for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"eval_logits": eval_logits, "train_logits": train_logits, "loss": loss, "grads": grads,
-                        "attention": dict(ATTENTION_CALLS), "loss_calls": dict(LOSS_CALLS),
+                        "attention": attention, "loss_calls": loss_calls,
+                        "generated": generated, "decode_attention": decode_attention,
                         "attn_implementation": model.config._attn_implementation, "seen": seen,
                         "params": params, "mlp_type": type(block.mlp).__name__,
                         "norm_type": type(block.input_layernorm).__name__,

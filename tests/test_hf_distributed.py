@@ -40,12 +40,13 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     modules plain local tensors), so the patched attention runs the fused kernel on each
     rank's local heads and the patched norms and MLP run on local tensors. Eval logits
     (transformers' no-grad path), training loss (and logits where HF's forward makes them)
-    and every parameter's gradient match the unsharded, unpatched model in float32."""
+    and every parameter's gradient match the unsharded, unpatched model in float32, and
+    greedy generation (flash_decode on each rank's local KV cache) gives its tokens."""
     pytest.importorskip("accelerate", reason="transformers' from_pretrained(tp_plan=...) requires accelerate")
     folder = tmp_path / "tiny"
     H.save_tiny_checkpoint(str(folder))
     got = spawn(tmp_path, H.hf_tensor_parallel_worker, str(folder), when)
-    eval_logits, train_logits, loss, grads = H.tp_reference(str(folder))
+    (eval_logits, train_logits, loss, grads), generated = H.tp_reference(str(folder))
 
     assert got["attn_implementation"] == "llama_fast"
     assert got["mlp_type"] == "SwiGLUMLP" and got["norm_type"] == "RMSNorm", (got["mlp_type"], got["norm_type"])
@@ -79,6 +80,10 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     assert (got["train_logits"] is None) == (train_path == ["fused"])
 
     torch.testing.assert_close(got["eval_logits"], eval_logits, rtol=1e-5, atol=1e-5)
+    # Greedy decoding with a KV cache of the local heads: the prefill on flash_attn, each
+    # next token on flash_decode, the same tokens as the unsharded model.
+    assert got["decode_attention"] == {"flash_attn": 2, "flash_decode": 2 * 3}, got["decode_attention"]
+    assert torch.equal(got["generated"], generated), (got["generated"], generated)
     if got["train_logits"] is not None:
         torch.testing.assert_close(got["train_logits"], train_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["loss"], loss, rtol=1e-6, atol=1e-6)
