@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,6 +188,8 @@ def test_cli_train_starts_from_a_meta_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch build")
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+                    reason="inductor builds its CPU kernels with a C++ compiler, and none is on PATH")
 @pytest.mark.parametrize("wrap", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_torchrun_compile_follows_the_eager_loss_curve(tmp_path, wrap):
     """--compile on 2 ranks (DDP, or FSDP2 with --fsdp): each block compiled by inductor
