@@ -12,7 +12,9 @@ The process group is nccl on GPUs, gloo on CPUs. Data parallel: DDP by default, 
 consecutive ranks, FSDP2 across the groups (2-D; --fsdp needed when there are several).
 --bf16 is bfloat16 mixed precision (float32 parameters and optimiser state): FSDP2's
 MixedPrecisionPolicy with --fsdp, torch.autocast otherwise. --checkpointing recomputes each
-block in the backward; --compile compiles each block. The model is built on the meta device
+block in the backward; --compile compiles each block (torch.compile, inductor) and, after
+the first step, logs how many graphs dynamo made and its graph breaks with their reasons
+(a break inside a block splits its graph; none is expected). The model is built on the meta device
 and initialised with Transformer.init_weights(--seed) after sharding, or loaded from
 --checkpoint (a Meta or Hugging Face folder, llama_fast.load_checkpoint).
 
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --fsdp across the groups; without it, over all ranks)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block; logs the graphs and graph breaks")
     p.add_argument("--no-patch", action="store_true", help="train the unpatched model (for comparison)")
     p.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cuda"),
                    help="the llama_fast backend (default: LLAMA_FAST_BACKEND, else auto)")
@@ -196,6 +198,13 @@ def _build_model(args, device: torch.device, world: int):
     if dist.is_initialized() and not args.fsdp and args.tp == 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, wrapped
+
+
+def _compile_summary() -> tuple[int, dict[str, int]]:
+    """(graphs dynamo compiled, {graph break reason: count}) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -324,6 +333,7 @@ def train(args) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         tick, tokens_since = time.perf_counter(), 0
+        start = step
         with choice:
             while step < args.steps:
                 tokens = batches(step)[dp_rank * share:(dp_rank + 1) * share].to(device)
@@ -338,6 +348,10 @@ def train(args) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_since += args.batch_size * args.seq_len
+                if args.compile and step == start + 1:
+                    graphs, breaks = _compile_summary()
+                    log.say(f"compiled blocks: {graphs} graph(s), {sum(breaks.values())} graph break(s)"
+                            + "".join(f"\n  graph break x{n}: {why}" for why, n in breaks.items()))
                 if step % args.log_every == 0 or step == args.steps:
                     mean = loss.detach().float().clone()
                     if dist.is_initialized():
@@ -347,8 +361,12 @@ def train(args) -> int:
                     value = mean.item()
                     if not math.isfinite(value):
                         raise FloatingPointError(f"the loss is {value} at step {step}")
-                    log.step({"step": step, "loss": value, "tokens_per_s": tokens_since / (now - tick),
-                              "peak_mib": _peak_memory_mib(device), "lr": schedule.get_last_lr()[0]})
+                    record = {"step": step, "loss": value, "tokens_per_s": tokens_since / (now - tick),
+                              "peak_mib": _peak_memory_mib(device), "lr": schedule.get_last_lr()[0]}
+                    if args.compile:
+                        record["graphs"], breaks = _compile_summary()
+                        record["graph_breaks"] = sum(breaks.values())
+                    log.step(record)
                     tick, tokens_since = time.perf_counter(), 0
                 if save_dir is not None and (step == args.steps or (args.save_every and step % args.save_every == 0)):
                     path = _save(model, optimizer, schedule, step, save_dir)
