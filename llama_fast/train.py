@@ -46,7 +46,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llama_fast import parallel
 from llama_fast.backends import backend
@@ -338,8 +337,9 @@ def train(args) -> int:
             while step < args.steps:
                 tokens = batches(step)[dp_rank * share:(dp_rank + 1) * share].to(device)
                 with autocast:
-                    logits = wrapped(tokens[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+                    # The model's own loss: the fused cross-entropy when patched (no logits
+                    # are formed; vocabulary-parallel under --tp), F.cross_entropy if not.
+                    loss = wrapped(tokens[:, :-1], targets=tokens[:, 1:])
                 loss.backward()
                 if args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -240,3 +240,26 @@ def test_compile_summary_counts_a_graph_break():
         assert graphs == 2 and sum(breaks.values()) == 1, (graphs, breaks)
     finally:
         torch._dynamo.reset()
+
+
+def test_cli_train_computes_the_loss_through_the_patched_head(tmp_path, monkeypatch):
+    """The patched model trains through its own loss: FusedCrossEntropyHead runs (no logits
+    are formed) on every step; --no-patch keeps model.CrossEntropyHead."""
+    from llama_fast import model_fused
+
+    calls = []
+    real = model_fused.head_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "torch")
+    monkeypatch.setattr(model_fused, "head_cross_entropy", counted)
+    assert cli_main(["train", *TINY, "--steps", "2", "--metrics", str(tmp_path / "m.jsonl")]) == 0
+    assert len(calls) == 2
+    assert cli_main(["train", *TINY, "--steps", "2", "--no-patch", "--metrics", str(tmp_path / "u.jsonl")]) == 0
+    assert len(calls) == 2
+    patched, unpatched = losses(tmp_path / "m.jsonl"), losses(tmp_path / "u.jsonl")
+    for step in patched:
+        assert patched[step] == pytest.approx(unpatched[step], rel=1e-5), (step, patched, unpatched)
