@@ -75,6 +75,8 @@ def test_summary_of_a_gpu_machine_names_routed_ops_publicly():
     report = {
         "llama_fast": "0.1.0", "python": "3.12.0", "torch": "2.9.0+cu128", "torch_cuda": "12.8", "triton": "3.6.0",
         "triton_interpret": False, "backend_choice": "auto",
+        "autotune": {"enabled": True, "cache_dir": "/home/u/.cache/llama_fast",
+                     "cache_files": ["autotune-NVIDIA_H100-0.1.0-triton3.6.0.json"]},
         "gpu": {"name": "NVIDIA H100", "capability": "9.0", "multiprocessors": 132, "memory_gib": 79.1},
         "cuda_extension": {"built": True, "cuda_archs": "sm_90", "nvcc": "12.8",
                            "routed_to_triton": {"attn_bwd": "always (the backward pass runs the Triton kernels)"}},
@@ -92,6 +94,7 @@ def test_summary_of_a_gpu_machine_names_routed_ops_publicly():
     assert set(public_ops_served(ops)) == {"rms_norm", "add_rms_norm", "flash_attn", "flash_decode"}
     assert f"NOT available (serves {', '.join(public_ops_served(ops))} where it runs): no CUDA GPU" in flat
     assert "pip builds the extension" not in text
+    assert "autotuning: on, on CUDA GPUs (LLAMA_FAST_AUTOTUNE=0: off); cache /home/u/.cache/llama_fast, 1 file(s)" in flat
 
 
 def test_public_op_names():
