@@ -76,3 +76,9 @@ def test_tma_copies():
 def test_fake_descriptor_types_as_written():
     desc = cc._fake_descriptor("tensordesc<bf16[1, 64, 1, 128]>")
     assert desc.block_shape == [1, 64, 1, 128] and desc.strides[-1] == 1 and str(desc.base.dtype) == "torch.bfloat16"
+
+
+def test_element_types_name_pointers_and_descriptors():
+    signature = {"Q": "tensordesc<bf16[1, 64, 1, 128]>", "LSE": "*fp32", "K": "tensordesc<bf16[1, 64, 1, 128]>",
+                 "CU": "*i32", "n": "i32"}
+    assert cc.element_types(signature) == "bf16,fp32,i32"

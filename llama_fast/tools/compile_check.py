@@ -332,13 +332,21 @@ def _launch_specialization(fn, signature: dict, constexprs: dict, options: dict,
     return launch_sig, launch_constexprs, attrs
 
 
+def element_types(signature: dict) -> str:
+    """``bf16,fp32``: the element types of a signature's pointers and tensor descriptors, in
+    order of first appearance."""
+    types = (m.group(1) if (m := _TENSORDESC.fullmatch(t)) else t[1:] for t in signature.values()
+             if t.startswith("*") or t.startswith("tensordesc"))
+    return ",".join(dict.fromkeys(types))
+
+
 def _compile_one(task: tuple) -> dict:
     module, index, arch, variant = task
     fn, signature, constexprs, options, hints = unpack_config(_configs(module)[index])
     result = {
         "module": module, "config": index, "variant": variant, "kernel": fn.__name__, "arch": arch,
         "constexprs": dict(constexprs), "num_warps": options["num_warps"], "num_stages": options.get("num_stages"),
-        "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
+        "types": element_types(signature),
         "launch_hints": dict(hints),
     }
     return dict(result, **compile_config(fn, signature, constexprs, options, hints, arch, variant))
