@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 
+from llama_fast.kernels import flash_attn as fa
 from llama_fast.tools.compile_check import ALL_ARCHS, ARCH_LIMITS, KERNEL_MODULES, tasks, unpack_config
 
 ARCHS = ALL_ARCHS
@@ -184,8 +185,6 @@ def _uses_tma(r: dict) -> bool:
 
 def _tma_on_by_default(r: dict) -> bool:
     """Whether the launcher picks this TMA configuration by default (flash_attn.tma_default)."""
-    from llama_fast.kernels import flash_attn as fa
-
     role = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}[r["kernel"]]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[r["types"].split(",")[0]]
     gpu = {90: "hopper", 100: "blackwell"}[r["arch"]]
