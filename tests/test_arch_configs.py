@@ -40,6 +40,13 @@ def test_configs_differ_where_the_class_needs_it():
     assert fa.forward_config(128, bf16, True, "hopper")["BLOCK_N"] == 64  # varlen: 128 keys spill
     assert fa.forward_config(128, bf16, False, "blackwell")["BLOCK_N"] == 64  # so does sm_100
     assert fa.forward_config(128, bf16, False, "consumer")["BLOCK_N"] == 32  # 99 KiB of shared memory
+    assert fa.forward_config(128, bf16, False, "ampere")["BLOCK_N"] == 32  # 64 keys spill on sm_80
+    # dK/dV: the mma.sync classes take 64 x 64 at head dim 128 (16 x 128 spills there);
+    # only Hopper keeps 2 stages at head dim 64.
+    assert fa.backward_configs(128, bf16, False, "ampere")[0] == fa.backward_configs(128, bf16, False, "consumer")[0] \
+        == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+    assert fa.backward_configs(128, bf16, False, "hopper")[0]["BLOCK_N"] == 128
+    assert [fa.backward_configs(64, bf16, False, gpu)[0]["num_stages"] for gpu in fa.GPU_CLASS_ARCHS] == [2, 1, 1, 1]
     assert fa.backward_configs(128, bf16, False, "hopper")[1]["BLOCK_N"] == 64
     assert fa.backward_configs(128, bf16, False, "ampere")[1]["BLOCK_N"] == 32
 
@@ -47,18 +54,19 @@ def test_configs_differ_where_the_class_needs_it():
 @pytest.mark.skipif(ON_GPU, reason="the device's own class runs in test_attention.py on a GPU")
 @pytest.mark.parametrize("gpu", ["ampere", "consumer", "blackwell"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_other_classes_compute_attention_and_its_gradients(monkeypatch, gpu, causal):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_other_classes_compute_attention_and_its_gradients(monkeypatch, gpu, causal, head_dim):
     """The launchers read the class from the device (here faked): the forward and backward
-    of every class's tiles match the float64 reference, GQA 4, a ragged length, D=128."""
+    of every class's tiles match the float64 reference, GQA 4, a ragged length, D=64, 128."""
     limits = {"ampere": _common.DeviceLimits(80, 163 * KIB, 108), "consumer": _common.DeviceLimits(89, 99 * KIB, 58),
               "blackwell": _common.DeviceLimits(100, 227 * KIB, 148)}
     monkeypatch.setattr(fa, "device_limits", lambda device: limits[gpu])
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    q = torch.randn(1, 70, 4, 128, dtype=dtype, device=DEVICE)
-    k, v = (torch.randn(1, 70, 1, 128, dtype=dtype, device=DEVICE) for _ in range(2))
+    q = torch.randn(1, 70, 4, head_dim, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(1, 70, 1, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
     do = torch.randn_like(q)
-    scale = 128 ** -0.5
+    scale = head_dim ** -0.5
     out, lse = fa.attn_fwd(q, k, v, causal, scale)
     ref_out, ref_lse = reference.attn_fwd(f64(q), f64(k), f64(v), causal, scale)
     assert_close(out, ref_out, dtype, "out")

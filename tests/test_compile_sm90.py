@@ -18,7 +18,9 @@ import sys
 import warnings
 
 import pytest
+import torch
 
+from llama_fast.kernels import flash_attn as fa
 from llama_fast.tools.compile_check import ALL_ARCHS, ARCH_LIMITS, KERNEL_MODULES, tasks, unpack_config
 
 ARCHS = ALL_ARCHS
@@ -38,12 +40,9 @@ KNOWN_SPILLS = [
     # fp32 forward with residual at hidden size 4096 (Llama-3 8B) on sm_90: ptxas settles on
     # 32 registers and spills 4 bytes (8-byte stack frame) although 8 warps allow far more.
     ("_rms_norm_fwd_kernel", 90, "fp32", {"BLOCK_N": 4096, "HAS_RESIDUAL": True}),
-    # Attention backward, dK/dV: two (keys x D) float32 accumulators plus K and V live
-    # across the whole query loop; up to ~270 bytes each way (sm_80 at D=64 and varlen,
-    # sm_90 at D=128 causal and varlen). The first thing to tune on a GPU.
-    ("_attn_bwd_dkdv_kernel", None, None, {}),
-    # Attention forward at D=128 on sm_80, causal: 12/36 bytes.
-    ("_attn_fwd_kernel", 80, None, {"HEAD_DIM": 128}),
+    # The TMA variant of the sm_100 forward at D=128 without the causal mask: 12/16 bytes
+    # (the pointer variant: none). Off by default (flash_attn.TMA_OFF), still selectable.
+    ("_attn_fwd_kernel", 100, None, {"HEAD_DIM": 128, "CAUSAL": False, "USE_TMA": True}),
     # Secondary paths: float32 attention (IEEE dots on CUDA cores) and head dim 256.
     ("_attn_fwd_kernel", None, "fp32", {}),
     ("_attn_bwd_dq_kernel", None, "fp32", {}),  # 8/4 bytes on sm_86/89
@@ -178,6 +177,51 @@ ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_
 def _sixteen_bit_attention(r: dict) -> bool:
     return (r["variant"] == "launch" and r["kernel"] in ATTENTION_KERNELS and r["constexprs"]["HEAD_DIM"] in (64, 128)
             and r["types"].split(",")[0] in ("bf16", "fp16"))
+
+
+def _uses_tma(r: dict) -> bool:
+    return bool(r["constexprs"].get("USE_TMA"))
+
+
+def _tma_on_by_default(r: dict) -> bool:
+    """Whether the launcher picks this TMA configuration by default (flash_attn.tma_default)."""
+    role = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}[r["kernel"]]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[r["types"].split(",")[0]]
+    gpu = {90: "hopper", 100: "blackwell"}[r["arch"]]
+    return fa.tma_default(role, r["constexprs"]["HEAD_DIM"], dtype, gpu, r["constexprs"]["CAUSAL"])
+
+
+def test_llama_shape_attention_spills_nothing_on_any_arch(results):
+    """The 16-bit attention configurations at head dims 64 and 128 (fixed-length and
+    varlen, causal or not) spill no register on sm_80, 86, 89, 90, 100 or 120: every
+    pointer variant, and every TMA variant the launcher picks by default."""
+    checked = [r for r in results if _sixteen_bit_attention(r) and (not _uses_tma(r) or _tma_on_by_default(r))]
+    assert {r["arch"] for r in checked} == set(ARCHS)
+    assert len(checked) >= len(ARCHS) * 3 * 7, len(checked)
+    bad = [f"{_describe(r)}: {r['spill_stores']}/{r['spill_loads']} bytes, {r['registers']} registers"
+           for r in checked if _spills(r)]
+    assert not bad, "\n".join(bad)
+
+
+def test_attention_tma_variants_issue_tma_copies(results):
+    """The TMA variants (USE_TMA: tiles through tensor descriptors; sm_90 and sm_100,
+    16-bit fixed-length at head dims 64 and 128) load and store their tiles with
+    ``cp.async.bulk.tensor`` (the PTX is the proof that the descriptors became TMA), and
+    those on by default do no duplicated MMA work on sm_90; the pointer variants issue
+    no TMA copy."""
+    attention = [r for r in results if r["variant"] == "launch" and r["kernel"] in ATTENTION_KERNELS]
+    tma = [r for r in attention if _uses_tma(r)]
+    assert {r["arch"] for r in tma} == {90, 100} and {r["kernel"] for r in tma} == set(ATTENTION_KERNELS)
+    assert all(_sixteen_bit_attention(r) and not r["constexprs"]["IS_VARLEN"] for r in tma)
+    assert len(tma) >= 2 * 3 * 5, len(tma)  # 2 archs, 3 kernels, 5 cases (bf16 64/128 causal or not, fp16 128)
+    no_copies = [_describe(r) for r in tma if not (r["tma_loads"] and r["tma_stores"])]
+    assert not no_copies, "TMA variants without cp.async.bulk.tensor loads and stores:\n" + "\n".join(no_copies)
+    copies = [_describe(r) for r in attention if not _uses_tma(r) and (r["tma_loads"] or r["tma_stores"])]
+    assert not copies, "pointer variants with TMA copies:\n" + "\n".join(copies)
+    assert any(_tma_on_by_default(r) for r in tma if r["arch"] == 90)
+    duplicated = [f"{_describe(r)}: {r['work_ratio']}" for r in tma
+                  if r["arch"] == 90 and _tma_on_by_default(r) and (r["work_ratio"] is None or r["work_ratio"] > 1.05)]
+    assert not duplicated, "\n".join(duplicated)
 
 
 def test_attention_does_no_duplicated_tensor_core_work_and_no_spills_on_sm90(results):

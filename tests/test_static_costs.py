@@ -57,3 +57,28 @@ def test_tcgen05_is_counted_not_sized():
 def test_global_bytes_per_cta():
     # one 16-byte load and one 2-byte store per thread, 4 warps
     assert cc.global_bytes_per_cta(PTX, num_warps=4) == (16 + 2) * 128
+
+
+def test_tma_copies():
+    """The TMA loads and stores Triton 3.6 emits for a 4-D tensor descriptor on sm_90; the
+    non-tensor bulk copy and plain loads are not TMA tile copies."""
+    ptx = """
+\t@%p2 cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%r53], [%rd5, {%r54, %r723, %r3, %r724}], [%r52];
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\t@%p104 cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%rd1, {%r722, %r723, %r3, %r724}], [%r53];
+\tcp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2], 256, [%r4];
+\tld.global.v4.b32 {...}, [%rd1];
+"""
+    assert cc.tma_copies(ptx) == (2, 1)
+    assert cc.tma_copies(PTX) == (0, 0)
+
+
+def test_fake_descriptor_types_as_written():
+    desc = cc._fake_descriptor("tensordesc<bf16[1, 64, 1, 128]>")
+    assert desc.block_shape == [1, 64, 1, 128] and desc.strides[-1] == 1 and str(desc.base.dtype) == "torch.bfloat16"
+
+
+def test_element_types_name_pointers_and_descriptors():
+    signature = {"Q": "tensordesc<bf16[1, 64, 1, 128]>", "LSE": "*fp32", "K": "tensordesc<bf16[1, 64, 1, 128]>",
+                 "CU": "*i32", "n": "i32"}
+    assert cc.element_types(signature) == "bf16,fp32,i32"

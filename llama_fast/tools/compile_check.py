@@ -30,6 +30,9 @@ Static cost evidence (columns ``CTAs/SM``, ``work``, ``bytes``; keys in the JSON
   iterations of useful work (``useful_mma_flops`` of the kernel's module). 1.0: no
   duplicated work; tcgen05 (sm_100) keeps its shape in a run-time descriptor and gets no
   ratio.
+* ``tma_loads`` / ``tma_stores``: TMA copies in the PTX (``cp.async.bulk.tensor``,
+  global -> shared and shared -> global): proof that tensor-descriptor tiles became TMA
+  (column ``tensor cores`` says ``+tma``).
 * ``bytes_ratio``: bytes the global loads and stores of the code move (each instruction
   once, times the CTA's threads) over ``min_global_bytes`` of the module, the op's minimum
   for the same loop-body-once work: > 1 means replicated or wasted accesses.
@@ -52,7 +55,9 @@ gathers into vector loads (rope at head_dim 128: about 60 registers instead of 2
   strides, ...). Every pointer counts as 16-byte aligned (as ``torch`` allocations are).
   The specialisation itself is left to Triton: the configuration gets representative
   fake arguments -- Triton's ``MockTensor`` (``data_ptr() == 0``) per pointer, 1, 16 or 3
-  per integer as hinted -- and they go through the same binder and ``_pack_args`` that a
+  per integer as hinted, a host-side ``TensorDescriptor`` over a ``MockTensor`` per
+  ``tensordesc<...>`` argument (its box and element type are all the binder types) --
+  and they go through the same binder and ``_pack_args`` that a
   launch uses, so ``signature``, ``constexprs`` and ``attrs`` are exactly the launcher's
   (a check makes sure the fake values reproduce the written types). What was specialised
   is recorded per result (``"specialized"``).
@@ -242,6 +247,23 @@ _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64
                  "u8": "uint8", "i16": "int16", "i32": "int32", "i64": "int64", "i1": "bool"}
 # Fake integer arguments: hinted 1, hinted 16, no hint (neither 1 nor a multiple of 16).
 _FAKE_INT = {1: 1, 16: 16, None: 3}
+# A host-side TMA descriptor argument: ``tensordesc<bf16[1, 128, 1, 64]>`` (element type, box).
+_TENSORDESC = re.compile(r"tensordesc<(\w+)\[([\d, ]+)\]>")
+
+
+def _fake_descriptor(ty: str):
+    """A TensorDescriptor of the written type over an aligned fake tensor: the binder types
+    it from its element type and box alone (shape and strides are run-time arguments)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dtype, box = _TENSORDESC.fullmatch(ty).groups()
+    box = [int(b) for b in box.split(",")]
+    strides = [1]
+    for b in reversed(box[1:]):  # a dense tensor twice the box in every dim
+        strides.insert(0, strides[0] * 2 * b)
+    return TensorDescriptor(MockTensor(getattr(torch, _TORCH_DTYPES[dtype])), [2 * b for b in box], strides, box)
 
 
 def unpack_config(config: tuple) -> tuple:
@@ -286,6 +308,8 @@ def _launch_specialization(fn, signature: dict, constexprs: dict, options: dict,
         raise ValueError(f"launch_hints must map i32/i64 arguments to 1 or 16; got {bad}")
 
     def fake(name, ty):
+        if ty.startswith("tensordesc"):
+            return _fake_descriptor(ty)
         if ty.startswith("*"):
             return MockTensor(getattr(torch, _TORCH_DTYPES[ty[1:]]))  # data_ptr() == 0: aligned
         if ty in ("i32", "i64"):
@@ -308,13 +332,21 @@ def _launch_specialization(fn, signature: dict, constexprs: dict, options: dict,
     return launch_sig, launch_constexprs, attrs
 
 
+def element_types(signature: dict) -> str:
+    """``bf16,fp32``: the element types of a signature's pointers and tensor descriptors, in
+    order of first appearance."""
+    types = (m.group(1) if (m := _TENSORDESC.fullmatch(t)) else t[1:] for t in signature.values()
+             if t.startswith("*") or t.startswith("tensordesc"))
+    return ",".join(dict.fromkeys(types))
+
+
 def _compile_one(task: tuple) -> dict:
     module, index, arch, variant = task
     fn, signature, constexprs, options, hints = unpack_config(_configs(module)[index])
     result = {
         "module": module, "config": index, "variant": variant, "kernel": fn.__name__, "arch": arch,
         "constexprs": dict(constexprs), "num_warps": options["num_warps"], "num_stages": options.get("num_stages"),
-        "types": ",".join(dict.fromkeys(t[1:] for t in signature.values() if t[0] == "*")),
+        "types": element_types(signature),
         "launch_hints": dict(hints),
     }
     return dict(result, **compile_config(fn, signature, constexprs, options, hints, arch, variant))
@@ -326,7 +358,7 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
     inside ``fresh_compiles()``): what was specialised, shared memory, registers, stack,
     spills, tensor-core instructions, compile time, and the error if it failed."""
     result = {"specialized": None, "shared": None, "registers": "?", "stack": "?", "spill_stores": "?",
-              "spill_loads": "?", "compile_s": None, "tensor_cores": None, "load_bytes": None, "store_bytes": None,
+              "spill_loads": "?", "compile_s": None, "tensor_cores": None, "tma_loads": None, "tma_stores": None, "load_bytes": None, "store_bytes": None,
               "ctas_per_sm": None, "occupancy_limit": None, "mma_flops": None, "useful_flops": None,
               "work_ratio": None, "bytes_moved": None, "min_bytes": None, "bytes_ratio": None, "error": None}
     try:
@@ -362,6 +394,9 @@ def compile_config(fn, signature: dict, constexprs: dict, options: dict, hints: 
         ptx = compiled.asm["ptx"]
         result["tensor_cores"] = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
                                   else "mma" if "mma.sync" in ptx else None)
+        # TMA copies in the code (global -> shared loads, shared -> global stores): the
+        # proof that tensor-descriptor tiles became bulk tensor copies, not pointer loads.
+        result["tma_loads"], result["tma_stores"] = tma_copies(ptx)
         result["load_bytes"], result["store_bytes"] = global_access_bytes(ptx)
         result.update(static_costs(fn, constexprs, signature, options["num_warps"], arch, result, ptx))
     except Exception as e:  # noqa: BLE001 - any failure is a result to report, not a crash
@@ -398,6 +433,14 @@ def static_costs(fn, constexprs: dict, signature: dict, num_warps: int, arch: in
         costs["min_bytes"] = minimum
         costs["bytes_ratio"] = round(costs["bytes_moved"] / minimum, 3)
     return costs
+
+
+_TMA_LOAD = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global\b")
+_TMA_STORE = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.global\.shared::cta\b")
+def tma_copies(ptx: str) -> tuple[int, int]:
+    """``(loads, stores)``: the TMA copy instructions in ``ptx`` (global -> shared and
+    shared -> global ``cp.async.bulk.tensor``), counted in the code, not executed."""
+    return len(_TMA_LOAD.findall(ptx)), len(_TMA_STORE.findall(ptx))
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
@@ -497,6 +540,11 @@ def _ratio_cell(r: dict | None, key: str) -> str:
     return "-" if r is None or r.get(key) is None else f"{r[key]:.2f}"
 
 
+def _tensor_core_cell(r: dict) -> str:
+    """``wgmma+tma``: the tensor-core instructions, and whether tiles move by TMA copies."""
+    return str(r.get("tensor_cores") or "-") + ("+tma" if r.get("tma_loads") or r.get("tma_stores") else "")
+
+
 def format_table(results: list[dict]) -> str:
     """One row per (configuration, arch); launch and general variants side by side."""
     def constexprs(r):
@@ -517,7 +565,7 @@ def format_table(results: list[dict]) -> str:
         rows.append((first["kernel"], str(first["arch"]), first["types"], constexprs(first), str(first["num_warps"]),
                      pair(launch, general, "shared"), pair(launch, general, "registers"),
                      pair(launch, general, "stack"), _spill_cell(launch), _spill_cell(general),
-                     str(first.get("tensor_cores") or "-"), _access_cell(launch), _occupancy_cell(launch),
+                     _tensor_core_cell(first), _access_cell(launch), _occupancy_cell(launch),
                      _ratio_cell(launch, "work_ratio"), _ratio_cell(launch, "bytes_ratio")))
     return align_columns(rows)
 
