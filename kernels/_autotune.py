@@ -43,8 +43,10 @@ on 4 warps: work 1.50; the others spill 16-304 bytes), dK/dV 32x64 and 64x64 at 
 64x64 at either head dim (8-40), dQ 128x32/w8/s2 at 128 (48-56), the forward 128x64/w8/s2 at
 128 on sm_80 (16), on sm_86 dQ 64x32/w4/s2 and 32x32/w2/s3 at 64 (4), and on sm_100 (which
 otherwise takes the Hopper table; tcgen05, so no work ratio) dK/dV 16x128 with 2 or 3 stages
-(272, 336) and dQ 128x64/w8/s2 (40) at head dim 128. The static defaults are listed as they are
-(some spill on sm_80/86/100): the default is always timed.
+(272, 336) and dQ 128x64/w8/s2 (40) at head dim 128. The static defaults (*) are listed as
+they were when these tables were measured (some spilled on sm_80/86/100); flash_attn.py has
+since moved those classes' dK/dV tiles and sm_80's head-dim-128 forward to tiles that spill
+nothing (its design notes have the numbers). Whatever the default, it is always timed.
 
 - sm_90 fwd 64: M128/N64/w8/s3* 64K 126r 2b, M128/N128/w8/s3 112K 238r 1b, M128/N64/w4/s4 80K 241r 2b,
   M64/N64/w4/s4 72K 128r 3b
