@@ -11,13 +11,21 @@ lm_head's weight (tied to the embeddings or not, bias if any) chunk by chunk, an
 ``logits=None``: no logits were made. With ``return_dict=False`` the tuple therefore has
 no logits entry (``ModelOutput.to_tuple`` leaves out the Nones).
 
+The lm_heads it fuses: a plain ``nn.Linear``; one that is its own FSDP2 unit
+(``fully_shard(model.lm_head)``: the loss runs as an FSDP forward method of the head, so
+FSDP gathers its weight first; ``llama_fast.nn.fused_head_kind``); and the one
+transformers' tensor parallelism makes of ``tp_plan="auto"`` in 5.25 (its Llama plan's
+``"lm_head": "colwise_gather_output"``: the weight a DTensor sharded on the vocabulary, the
+forward replaced by transformers' ``tp_forward``; ``_is_hf_vocab_parallel_head``), whose
+loss is the vocabulary-parallel one of ``fused_linear_cross_entropy``: each rank's shard of
+the weight, neither the weight nor the logits gathered.
+
 Everything else runs Hugging Face's forward unchanged: eval mode, no labels (so
 ``generate`` and evaluation see the same logits as before), and, with a warning once, a
-loss function other than ``ForCausalLMLoss`` or an lm_head that is not a plain
-``nn.Linear`` (a quantised or LoRA-wrapped head). An lm_head that is its own FSDP2 unit
-(``fully_shard(model.lm_head)``) is fused too: the loss runs as an FSDP forward method of
-the head, so FSDP gathers its weight first (``llama_fast.nn.fused_head_kind``). ``LOSS_CALLS`` counts which way each
-call went.
+loss function other than ``ForCausalLMLoss`` or an lm_head it does not fuse (a quantised
+or LoRA-wrapped head, hooks, a forward set on the instance, another tensor-parallel
+style): the warning names the head's class, its weight's placements, the forward and
+hooks it saw. ``LOSS_CALLS`` counts which way each call went.
 
 transformers has no extension point for the head, so this re-states the few lines of
 ``LlamaForCausalLM.forward`` after its base model (checked against transformers 5.10.4 and
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 
 from llama_fast.call_counts import CallCounts
 from llama_fast.nn import fused_head_kind, head_cross_entropy
+from llama_fast.ops.cross_entropy import is_dtensor, is_vocab_sharded
 
 __all__ = ["LOSS_CALLS", "causal_lm_forward"]
 
@@ -70,12 +79,80 @@ def _unserved(model, named: dict | None) -> str | None:
     if model.loss_function is not ForCausalLMLoss:
         return f"a loss function other than ForCausalLMLoss ({getattr(model.loss_function, '__name__', '?')})"
     head = model.get_output_embeddings()
-    if fused_head_kind(head) is None:
-        return (f"an lm_head that is not a plain nn.Linear ({type(head).__name__}, or hooks on it other than those of "
-                "its own FSDP2 unit)")
+    if _head_kind(head) is None:
+        return f"an lm_head the fused loss does not take ({_head_description(head)})"
     if head.out_features != model.config.vocab_size:
         return f"an lm_head of {head.out_features} outputs for config.vocab_size {model.config.vocab_size}"
     return None
+
+
+def _head_kind(head) -> str | None:
+    """``fused_head_kind``, or "linear" for transformers' tensor-parallel lm_head
+    (``_is_hf_vocab_parallel_head``): its weight goes to the vocabulary-parallel loss."""
+    return fused_head_kind(head) or ("linear" if _is_hf_vocab_parallel_head(head) else None)
+
+
+def _is_hf_vocab_parallel_head(head) -> bool:
+    """The lm_head transformers' tensor parallelism (5.25) makes of its Llama plan's entry
+    ``"lm_head": "colwise_gather_output"``: an ``nn.Linear`` whose weight (and bias, if any)
+    is a DTensor sharded on the vocabulary (Shard(0), a 1-D mesh) and whose forward is the
+    ``tp_forward`` that ``TensorParallelLayer.install_forward`` sets on the instance, with
+    ``ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())`` around the
+    head's own ``nn.Linear.forward`` on that mesh: replicated hidden states in, this rank's
+    vocabulary shard of the logits, gathered into the whole logits out. That forward only
+    moves layouts, as the vocabulary-parallel loss does itself (replicated hidden states,
+    their gradient all-reduced; the weight's gradient its local shard, Shard(0)), so the
+    loss of the gathered logits is the loss of the head's sharded weight. Recognised from
+    the closure's own objects, so another style, another wrapped forward, a quantised
+    head (``_hf_quantized_needs_local_tp``) or any hook leaves it unfused."""
+    forward = head.__dict__.get("forward")
+    if (type(head) is not torch.nn.Linear or forward is None or head._forward_hooks or head._forward_pre_hooks
+            or getattr(head, "_hf_quantized_needs_local_tp", False) or not is_vocab_sharded(head.weight)):
+        return False
+    tp = sys.modules.get("transformers.distributed.tensor_parallel")
+    if (tp is None or getattr(forward, "__module__", None) != tp.__name__
+            or getattr(forward, "__qualname__", None) != "TensorParallelLayer.install_forward.<locals>.tp_forward"):
+        return False
+    try:
+        cells = dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__ or ())))
+    except ValueError:  # an empty cell: not the function we know
+        return False
+    from torch.distributed.tensor import Replicate
+
+    style, original, mesh = cells.get("self"), cells.get("original_forward"), head.weight.device_mesh
+    bias = head.bias
+    return (type(style) is getattr(tp, "ColwiseParallel", None)
+            and style.input_layouts == Replicate() and style.output_layouts == Replicate()
+            and cells.get("module") is head and cells.get("mesh") == mesh
+            and getattr(original, "__self__", None) is head
+            and getattr(original, "__func__", None) is torch.nn.Linear.forward
+            and (bias is None or (is_vocab_sharded(bias) and bias.device_mesh == mesh)))
+
+
+def _head_description(head) -> str:
+    """What an lm_head the fused loss does not take is: its class, its weight's kind and,
+    where it has them, an instance-level forward and hooks, by name."""
+    weight = getattr(head, "weight", None)
+    parts = [type(head).__name__]
+    if is_dtensor(weight):
+        parts.append(f"weight a DTensor {tuple(str(p) for p in weight.placements)} on a "
+                     f"{weight.device_mesh.ndim}-D mesh")
+    elif weight is None:
+        parts.append("no weight")
+    forward = head.__dict__.get("forward")
+    if forward is not None:
+        parts.append(f"its forward replaced by {_callable_name(forward)}")
+    for what, hooks in (("forward pre-hooks", head._forward_pre_hooks), ("forward hooks", head._forward_hooks)):
+        if hooks:
+            parts.append(f"{what} {', '.join(_callable_name(h) for h in hooks.values())}")
+    if len(parts) == 1 and type(head) is not torch.nn.Linear:
+        parts.append("not a plain nn.Linear")
+    return ", ".join(parts)
+
+
+def _callable_name(fn) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def causal_lm_forward(self, *args, fallback, **kwargs):
@@ -113,7 +190,9 @@ def _fused_loss_forward(self, *, labels, logits_to_keep=0, return_dict=None, **k
         raise ValueError(f"labels: {target.shape[0]} labels after the shift for {rows.shape[0]} positions of "
                          f"hidden states (logits_to_keep={logits_to_keep!r}); they must be as many")
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = head_cross_entropy(rows, self.get_output_embeddings(), target, ignore_index=ignore_index, reduction=reduction)
+    head = self.get_output_embeddings()
+    loss = head_cross_entropy(rows, head, target, ignore_index=ignore_index, reduction=reduction,
+                              kind=_head_kind(head))
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -290,7 +290,7 @@ def _fsdp_head_loss(head: nn.Module):
 
 
 def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignore_index: int = -100,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: str = "mean", kind: str | None = None) -> Tensor:
     """``F.cross_entropy(head(hidden).float().flatten(0, -2), target.flatten(), ...)``: the loss
     of an output head (an ``nn.Linear``, its weight possibly tied to the embeddings) on
     ``llama_fast.fused_linear_cross_entropy``, which never materialises the logits.
@@ -303,8 +303,14 @@ def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignor
     head, hooks), and dtypes the op does not take (float64), run the unfused formula. A
     head that is its own FSDP2 unit is gathered by FSDP around the loss; a
     vocabulary-sharded head (tensor parallel) gives the vocabulary-parallel loss.
+
+    ``kind``: how to fuse, when the caller has recognised the head itself (a framework's
+    tensor-parallel head, whose own forward only moves layouts: "linear" then fuses its
+    weight and bias as they are); None asks ``fused_head_kind``.
     """
-    kind = fused_head_kind(head)
+    if kind not in (None, "linear", "fsdp"):
+        raise ValueError(f"kind must be None, 'linear' or 'fsdp', got {kind!r}")
+    kind = kind or fused_head_kind(head)
     if kind == "fsdp":
         return _fsdp_head_loss(head)(hidden, target, ignore_index=ignore_index, reduction=reduction)
     return _head_loss(hidden, target, ignore_index=ignore_index, reduction=reduction, head=head, fused=kind is not None)

@@ -17,6 +17,7 @@ the llama_fast ops, through the custom ops and the patched modules) inside ``ran
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,18 @@ def _tp_run(model, tokens):
     return eval_logits, train_logits, out.loss.detach().clone(), grads
 
 
+def _training_step_collectives(model, tokens) -> dict:
+    """The collectives one more training-mode forward and backward with labels runs (after
+    ``_tp_run``, whose gradients are recorded already): {op name: count}, as torch's
+    ``CommDebugMode`` counts them (DTensor's redistributions and direct c10d calls alike)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model.train()
+    with CommDebugMode() as comm:
+        model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()
+    return {str(op): n for op, n in comm.get_comm_counts().items()}
+
+
 def _generate(model, tokens):
     """Greedy decoding of 4 tokens after the first 8 of each row (a KV cache: prefill, then
     one query at a time)."""
@@ -88,8 +101,8 @@ def tp_reference(folder: str):
 def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, folder: str, when: str) -> None:
     """One rank of ``from_pretrained(folder, tp_plan="auto")``, patched ``when`` = "before"
     (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model).
-    Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, what the patch
-    replaced, and the kinds of tensor the patched modules were given."""
+    Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, llama_fast's
+    warnings during ``_tp_run``, what the patch replaced, and the kinds of tensor the patched modules were given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     with rank_session(rank, world, init_file, out):
         from transformers import AutoModelForCausalLM
@@ -120,10 +133,14 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
                    block.self_attn.k_proj.register_forward_hook(record("k_proj"))]
         ATTENTION_CALLS.clear()
         LOSS_CALLS.clear()
-        eval_logits, train_logits, loss, grads = _tp_run(model, data(1, 2)[0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eval_logits, train_logits, loss, grads = _tp_run(model, data(1, 2)[0])
+        ours = [str(w.message) for w in caught if str(w.message).startswith("llama_fast")]
         for h in handles:
             h.remove()
         attention, loss_calls = dict(ATTENTION_CALLS), dict(LOSS_CALLS)
+        train_collectives = _training_step_collectives(model, data(1, 2)[0])
         ATTENTION_CALLS.clear()
         generated = _generate(model, data(1, 2)[0])
         decode_attention = dict(ATTENTION_CALLS)
@@ -133,7 +150,8 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
                   for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"eval_logits": eval_logits, "train_logits": train_logits, "loss": loss, "grads": grads,
-                        "attention": attention, "loss_calls": loss_calls,
+                        "attention": attention, "loss_calls": loss_calls, "warnings": ours,
+                        "train_collectives": train_collectives,
                         "generated": generated, "decode_attention": decode_attention,
                         "attn_implementation": model.config._attn_implementation, "seen": seen,
                         "params": params, "mlp_type": type(block.mlp).__name__,
