@@ -100,7 +100,10 @@ def tp_reference(folder: str):
 
 def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, folder: str, when: str) -> None:
     """One rank of ``from_pretrained(folder, tp_plan="auto")``, patched ``when`` = "before"
-    (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model).
+    (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model); or,
+    ``when`` = "lm_head plan", patched first and loaded with an explicit ``tp_plan``: the
+    model's base plan and ``"lm_head": "colwise_gather_output"`` (the auto plan's entry,
+    which transformers 5.10 leaves out of its auto plan).
     Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, llama_fast's
     warnings during ``_tp_run``, what the patch replaced, and the kinds of tensor the patched modules were given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -111,9 +114,13 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
         from llama_fast.attention_router import ATTENTION_CALLS
         from llama_fast.hf_causal_lm import LOSS_CALLS
 
-        if when == "before":
+        if when in ("before", "lm_head plan"):
             llama_fast.patch_transformers()
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, tp_plan="auto")
+        plan = "auto"
+        if when == "lm_head plan":
+            plan = {f"model.{k}": v for k, v in hf_config().base_model_tp_plan.items()}
+            plan["lm_head"] = "colwise_gather_output"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, tp_plan=plan)
         report = llama_fast.patch(model) if when == "after" else None
 
         # What HF's tensor parallelism hands the patched modules: record the tensor types

@@ -32,7 +32,8 @@ import _hf_dist_workers as H  # noqa: E402
 STEPS, BATCH = 3, 4
 
 
-@pytest.mark.parametrize("when", ["before", "after"], ids=["patch_transformers-first", "patch-after-loading"])
+@pytest.mark.parametrize("when", ["before", "after", "lm_head plan"],
+                         ids=["patch_transformers-first", "patch-after-loading", "explicit-plan-with-lm_head"])
 def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     """``from_pretrained(folder, tp_plan="auto")`` on 2 gloo ranks with the llama_fast patch:
     transformers shards q/k/v/gate/up column-wise and o/down row-wise (DTensor weights in
@@ -74,11 +75,14 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     # transformers 5.25 shards the lm_head on the vocabulary (a DTensor weight, Shard(0), its
     # forward replaced by the tensor-parallel one): the loss is the vocabulary-parallel one,
     # on each rank's half of the weight. 5.10 leaves the lm_head whole on every rank.
+    # An explicit plan with the lm_head entry: 5.25 shards it as its auto plan does, 5.10
+    # too (a plain Parameter of this rank's rows, with hooks), and the loss is again the
+    # vocabulary-parallel one.
     head_kind, head_placements, head_shape = got["params"]["lm_head.weight"]
     if head_kind == "DTensor":
         assert head_placements == ["S(0)"] and head_shape == (W.VOCAB // 2, hidden), got["params"]
     else:
-        assert head_shape == (W.VOCAB, hidden), got["params"]
+        assert head_shape == ((W.VOCAB // 2, hidden) if when == "lm_head plan" else (W.VOCAB, hidden)), got["params"]
     assert got["loss_calls"] == {"transformers: eval mode": 1, "fused": 1}, got["loss_calls"]
     assert got["warnings"] == [], got["warnings"]
     assert got["train_logits"] is None
@@ -87,7 +91,7 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     # The vocabulary-parallel loss all-reduces per-token statistics (c10d.allreduce_).
     collectives = got["train_collectives"]
     assert not any("gather" in op for op in collectives), collectives
-    if head_kind == "DTensor":
+    if head_shape[0] < W.VOCAB:
         assert collectives.get("c10d.allreduce_", 0) >= 2, collectives
 
     torch.testing.assert_close(got["eval_logits"], eval_logits, rtol=1e-5, atol=1e-5)
