@@ -80,6 +80,41 @@ def _training_step_collectives(model, tokens) -> dict:
     return {str(op): n for op, n in comm.get_comm_counts().items()}
 
 
+def _which_heads_fuse(model) -> dict:
+    """Whether the patched forward fuses the loss of heads made as transformers makes its
+    tensor-parallel lm_head, sharing the sharded lm_head's weight, under other styles or
+    with one more hook: {case: fused}. Empty when the lm_head is whole."""
+    import sys
+
+    from llama_fast.hf_causal_lm import _head_kind
+
+    vocab, weight = model.config.vocab_size, model.lm_head.weight
+
+    def head():
+        h = torch.nn.Linear(weight.shape[1], vocab, bias=False)
+        h.weight = weight  # the same Parameter
+        return h
+
+    cases = {}
+    if hasattr(weight, "device_mesh"):  # 5.25: styles install a forward on the instance
+        styles = sys.modules["transformers.distributed.tensor_parallel"].ALL_PARALLEL_STYLES
+        for name in ("colwise_gather_output", "colwise", "packed_colwise", "colwise_gather_output + a hook"):
+            h = head()
+            styles[name.removesuffix(" + a hook")].install_forward(h, weight.device_mesh)
+            if name.endswith("hook"):
+                h.register_forward_hook(lambda module, args, output: output)
+            cases[name] = _head_kind(h, vocab) is not None
+    elif weight.shape[0] < vocab:  # 5.10: styles register hooks
+        colwise = sys.modules["transformers.integrations.tensor_parallel"].ColwiseParallel
+        for name in ("gather_output", "no gather_output", "gather_output + a hook"):
+            h = head()
+            colwise(gather_output=not name.startswith("no")).prepare_module_tp(h, model._device_mesh)
+            if name.endswith("hook"):
+                h.register_forward_hook(lambda module, args, output: output)
+            cases[name] = _head_kind(h, vocab) is not None
+    return cases
+
+
 def _generate(model, tokens):
     """Greedy decoding of 4 tokens after the first 8 of each row (a KV cache: prefill, then
     one query at a time)."""
@@ -158,7 +193,7 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
         if rank == 0:
             torch.save({"eval_logits": eval_logits, "train_logits": train_logits, "loss": loss, "grads": grads,
                         "attention": attention, "loss_calls": loss_calls, "warnings": ours,
-                        "train_collectives": train_collectives,
+                        "train_collectives": train_collectives, "heads_fused": _which_heads_fuse(model),
                         "generated": generated, "decode_attention": decode_attention,
                         "attn_implementation": model.config._attn_implementation, "seen": seen,
                         "params": params, "mlp_type": type(block.mlp).__name__,

@@ -93,6 +93,13 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     assert not any("gather" in op for op in collectives), collectives
     if head_shape[0] < W.VOCAB:
         assert collectives.get("c10d.allreduce_", 0) >= 2, collectives
+    # Recognised precisely: the same weight under another style, or with one more hook, is
+    # not fused (the patched forward then runs transformers' forward, with a warning).
+    expected = ({"colwise_gather_output": True, "colwise": False, "packed_colwise": False,
+                 "colwise_gather_output + a hook": False} if head_kind == "DTensor" else
+                {"gather_output": True, "no gather_output": False, "gather_output + a hook": False}
+                if head_shape[0] < W.VOCAB else {})
+    assert got["heads_fused"] == expected, got["heads_fused"]
 
     torch.testing.assert_close(got["eval_logits"], eval_logits, rtol=1e-5, atol=1e-5)
     # Greedy decoding with a KV cache of the local heads: the prefill on flash_attn, each
