@@ -290,7 +290,7 @@ def _fsdp_head_loss(head: nn.Module):
 
 
 def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignore_index: int = -100,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: str = "mean", kind: str | None = None, weight: Tensor | None = None) -> Tensor:
     """``F.cross_entropy(head(hidden).float().flatten(0, -2), target.flatten(), ...)``: the loss
     of an output head (an ``nn.Linear``, its weight possibly tied to the embeddings) on
     ``llama_fast.fused_linear_cross_entropy``, which never materialises the logits.
@@ -303,16 +303,29 @@ def head_cross_entropy(hidden: Tensor, head: nn.Module, target: Tensor, *, ignor
     head, hooks), and dtypes the op does not take (float64), run the unfused formula. A
     head that is its own FSDP2 unit is gathered by FSDP around the loss; a
     vocabulary-sharded head (tensor parallel) gives the vocabulary-parallel loss.
+
+    ``kind``: how to fuse, when the caller has recognised the head itself (a framework's
+    tensor-parallel head, whose own forward only moves layouts: "linear" then fuses its
+    weight and bias as they are); None asks ``fused_head_kind``. ``weight``: what the fused
+    loss takes for ``head.weight`` (None: ``head.weight`` itself), for a head whose weight
+    is a local shard that the framework's hooks treat as a shard of the whole weight: the
+    caller hands that DTensor (``DTensor.from_local``), whose gradient reaches the local
+    shard. The unfused formula still calls ``head(hidden)``.
     """
-    kind = fused_head_kind(head)
+    if kind not in (None, "linear", "fsdp"):
+        raise ValueError(f"kind must be None, 'linear' or 'fsdp', got {kind!r}")
+    kind = kind or fused_head_kind(head)
     if kind == "fsdp":
+        if weight is not None:
+            raise ValueError("weight must be None for a head that is its own FSDP2 unit (FSDP gathers head.weight)")
         return _fsdp_head_loss(head)(hidden, target, ignore_index=ignore_index, reduction=reduction)
-    return _head_loss(hidden, target, ignore_index=ignore_index, reduction=reduction, head=head, fused=kind is not None)
+    return _head_loss(hidden, target, ignore_index=ignore_index, reduction=reduction, head=head, fused=kind is not None,
+                      weight=weight)
 
 
 def _head_loss(hidden: Tensor, target: Tensor, *, ignore_index: int, reduction: str, head: nn.Module,
-               fused: bool = True) -> Tensor:
-    weight = getattr(head, "weight", None)
+               fused: bool = True, weight: Tensor | None = None) -> Tensor:
+    weight = getattr(head, "weight", None) if weight is None else weight
     bias = getattr(head, "bias", None)
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)

@@ -17,6 +17,7 @@ the llama_fast ops, through the custom ops and the patched modules) inside ``ran
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,53 @@ def _tp_run(model, tokens):
     return eval_logits, train_logits, out.loss.detach().clone(), grads
 
 
+def _training_step_collectives(model, tokens) -> dict:
+    """The collectives one more training-mode forward and backward with labels runs (after
+    ``_tp_run``, whose gradients are recorded already): {op name: count}, as torch's
+    ``CommDebugMode`` counts them (DTensor's redistributions and direct c10d calls alike)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model.train()
+    with CommDebugMode() as comm:
+        model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()
+    return {str(op): n for op, n in comm.get_comm_counts().items()}
+
+
+def _which_heads_fuse(model) -> dict:
+    """Whether the patched forward fuses the loss of heads made as transformers makes its
+    tensor-parallel lm_head, sharing the sharded lm_head's weight, under other styles or
+    with one more hook: {case: fused}. Empty when the lm_head is whole."""
+    import sys
+
+    from llama_fast.hf_causal_lm import _head_kind
+
+    vocab, weight = model.config.vocab_size, model.lm_head.weight
+
+    def head():
+        h = torch.nn.Linear(weight.shape[1], vocab, bias=False)
+        h.weight = weight  # the same Parameter
+        return h
+
+    cases = {}
+    if hasattr(weight, "device_mesh"):  # 5.25: styles install a forward on the instance
+        styles = sys.modules["transformers.distributed.tensor_parallel"].ALL_PARALLEL_STYLES
+        for name in ("colwise_gather_output", "colwise", "packed_colwise", "colwise_gather_output + a hook"):
+            h = head()
+            styles[name.removesuffix(" + a hook")].install_forward(h, weight.device_mesh)
+            if name.endswith("hook"):
+                h.register_forward_hook(lambda module, args, output: output)
+            cases[name] = _head_kind(h, vocab) is not None
+    elif weight.shape[0] < vocab:  # 5.10: styles register hooks
+        colwise = sys.modules["transformers.integrations.tensor_parallel"].ColwiseParallel
+        for name in ("gather_output", "no gather_output", "gather_output + a hook"):
+            h = head()
+            colwise(gather_output=not name.startswith("no")).prepare_module_tp(h, model._device_mesh)
+            if name.endswith("hook"):
+                h.register_forward_hook(lambda module, args, output: output)
+            cases[name] = _head_kind(h, vocab) is not None
+    return cases
+
+
 def _generate(model, tokens):
     """Greedy decoding of 4 tokens after the first 8 of each row (a KV cache: prefill, then
     one query at a time)."""
@@ -87,9 +135,12 @@ def tp_reference(folder: str):
 
 def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, folder: str, when: str) -> None:
     """One rank of ``from_pretrained(folder, tp_plan="auto")``, patched ``when`` = "before"
-    (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model).
-    Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, what the patch
-    replaced, and the kinds of tensor the patched modules were given."""
+    (``patch_transformers()`` first) or "after" (``patch(model)`` on the sharded model); or,
+    ``when`` = "lm_head plan", patched first and loaded with an explicit ``tp_plan``: the
+    model's base plan and ``"lm_head": "colwise_gather_output"`` (the auto plan's entry,
+    which transformers 5.10 leaves out of its auto plan).
+    Rank 0 saves ``_tp_run``'s and ``_generate``'s results, the attention and loss paths taken, llama_fast's
+    warnings during ``_tp_run``, what the patch replaced, and the kinds of tensor the patched modules were given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     with rank_session(rank, world, init_file, out):
         from transformers import AutoModelForCausalLM
@@ -98,9 +149,13 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
         from llama_fast.attention_router import ATTENTION_CALLS
         from llama_fast.hf_causal_lm import LOSS_CALLS
 
-        if when == "before":
+        if when in ("before", "lm_head plan"):
             llama_fast.patch_transformers()
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, tp_plan="auto")
+        plan = "auto"
+        if when == "lm_head plan":
+            plan = {f"model.{k}": v for k, v in hf_config().base_model_tp_plan.items()}
+            plan["lm_head"] = "colwise_gather_output"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, tp_plan=plan)
         report = llama_fast.patch(model) if when == "after" else None
 
         # What HF's tensor parallelism hands the patched modules: record the tensor types
@@ -120,10 +175,14 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
                    block.self_attn.k_proj.register_forward_hook(record("k_proj"))]
         ATTENTION_CALLS.clear()
         LOSS_CALLS.clear()
-        eval_logits, train_logits, loss, grads = _tp_run(model, data(1, 2)[0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eval_logits, train_logits, loss, grads = _tp_run(model, data(1, 2)[0])
+        ours = [str(w.message) for w in caught if str(w.message).startswith("llama_fast")]
         for h in handles:
             h.remove()
         attention, loss_calls = dict(ATTENTION_CALLS), dict(LOSS_CALLS)
+        train_collectives = _training_step_collectives(model, data(1, 2)[0])
         ATTENTION_CALLS.clear()
         generated = _generate(model, data(1, 2)[0])
         decode_attention = dict(ATTENTION_CALLS)
@@ -133,7 +192,8 @@ def hf_tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, f
                   for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"eval_logits": eval_logits, "train_logits": train_logits, "loss": loss, "grads": grads,
-                        "attention": attention, "loss_calls": loss_calls,
+                        "attention": attention, "loss_calls": loss_calls, "warnings": ours,
+                        "train_collectives": train_collectives, "heads_fused": _which_heads_fuse(model),
                         "generated": generated, "decode_attention": decode_attention,
                         "attn_implementation": model.config._attn_implementation, "seen": seen,
                         "params": params, "mlp_type": type(block.mlp).__name__,

@@ -32,21 +32,24 @@ import _hf_dist_workers as H  # noqa: E402
 STEPS, BATCH = 3, 4
 
 
-@pytest.mark.parametrize("when", ["before", "after"], ids=["patch_transformers-first", "patch-after-loading"])
+@pytest.mark.parametrize("when", ["before", "after", "lm_head plan"],
+                         ids=["patch_transformers-first", "patch-after-loading", "explicit-plan-with-lm_head"])
 def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     """``from_pretrained(folder, tp_plan="auto")`` on 2 gloo ranks with the llama_fast patch:
     transformers shards q/k/v/gate/up column-wise and o/down row-wise (DTensor weights in
     5.25, plain local shards with hooks in 5.10; either way the projections hand the
     modules plain local tensors), so the patched attention runs the fused kernel on each
-    rank's local heads and the patched norms and MLP run on local tensors. Eval logits
-    (transformers' no-grad path), training loss (and logits where HF's forward makes them)
-    and every parameter's gradient match the unsharded, unpatched model in float32, and
+    rank's local heads and the patched norms and MLP run on local tensors. The training
+    loss runs the fused cross-entropy with no logits and no warning: vocabulary-parallel on
+    5.25's vocabulary-sharded lm_head (each rank's shard of the weight, nothing gathered),
+    on the whole lm_head 5.10 keeps. Eval logits (transformers' no-grad path), the training
+    loss and every parameter's gradient match the unsharded, unpatched model in float32, and
     greedy generation (flash_decode on each rank's local KV cache) gives its tokens."""
     pytest.importorskip("accelerate", reason="transformers' from_pretrained(tp_plan=...) requires accelerate")
     folder = tmp_path / "tiny"
     H.save_tiny_checkpoint(str(folder))
     got = spawn(tmp_path, H.hf_tensor_parallel_worker, str(folder), when)
-    (eval_logits, train_logits, loss, grads), generated = H.tp_reference(str(folder))
+    (eval_logits, _, loss, grads), generated = H.tp_reference(str(folder))
 
     assert got["attn_implementation"] == "llama_fast"
     assert got["mlp_type"] == "SwiGLUMLP" and got["norm_type"] == "RMSNorm", (got["mlp_type"], got["norm_type"])
@@ -68,24 +71,41 @@ def test_hf_tp_plan_auto_patched_matches_the_unsharded_model(tmp_path, when):
     assert got["seen"]["input_layernorm"][0] == got["seen"]["mlp"][0] == "Tensor", got["seen"]
     # Every attention call (2 layers x (eval + train)) ran the fused kernel, none fell back.
     assert got["attention"] == {"flash_attn": 4}, got["attention"]
-    # The training loss. transformers 5.25 shards the lm_head on the vocabulary (a DTensor
-    # weight, its forward replaced by the tensor-parallel one), which the fused loss does
-    # not take: the patch runs transformers' forward (logits, its loss), with a warning.
-    # 5.10 leaves the lm_head whole on every rank: the fused loss runs.
-    head_kind, _, head_shape = got["params"]["lm_head.weight"]
-    vocab_sharded = head_kind == "DTensor" or head_shape[0] < W.VOCAB
-    train_path = [k for k in got["loss_calls"] if k != "transformers: eval mode"]
-    assert got["loss_calls"].get("transformers: eval mode") == 1 and len(train_path) == 1, got["loss_calls"]
-    assert ("lm_head" in train_path[0]) if vocab_sharded else train_path == ["fused"], got["loss_calls"]
-    assert (got["train_logits"] is None) == (train_path == ["fused"])
+    # The training loss runs the fused cross-entropy, with no logits and no fallback warning.
+    # transformers 5.25 shards the lm_head on the vocabulary (a DTensor weight, Shard(0), its
+    # forward replaced by the tensor-parallel one): the loss is the vocabulary-parallel one,
+    # on each rank's half of the weight. 5.10 leaves the lm_head whole on every rank.
+    # An explicit plan with the lm_head entry: 5.25 shards it as its auto plan does, 5.10
+    # too (a plain Parameter of this rank's rows, with hooks), and the loss is again the
+    # vocabulary-parallel one.
+    head_kind, head_placements, head_shape = got["params"]["lm_head.weight"]
+    if head_kind == "DTensor":
+        assert head_placements == ["S(0)"] and head_shape == (W.VOCAB // 2, hidden), got["params"]
+    else:
+        assert head_shape == ((W.VOCAB // 2, hidden) if when == "lm_head plan" else (W.VOCAB, hidden)), got["params"]
+    assert got["loss_calls"] == {"transformers: eval mode": 1, "fused": 1}, got["loss_calls"]
+    assert got["warnings"] == [], got["warnings"]
+    assert got["train_logits"] is None
+    # Nothing gathered in a training step (forward and backward): not the weight, not the
+    # logits (transformers' own lm_head forward all-gathers its vocabulary shards of them).
+    # The vocabulary-parallel loss all-reduces per-token statistics (c10d.allreduce_).
+    collectives = got["train_collectives"]
+    assert not any("gather" in op for op in collectives), collectives
+    if head_shape[0] < W.VOCAB:
+        assert collectives.get("c10d.allreduce_", 0) >= 2, collectives
+    # Recognised precisely: the same weight under another style, or with one more hook, is
+    # not fused (the patched forward then runs transformers' forward, with a warning).
+    expected = ({"colwise_gather_output": True, "colwise": False, "packed_colwise": False,
+                 "colwise_gather_output + a hook": False} if head_kind == "DTensor" else
+                {"gather_output": True, "no gather_output": False, "gather_output + a hook": False}
+                if head_shape[0] < W.VOCAB else {})
+    assert got["heads_fused"] == expected, got["heads_fused"]
 
     torch.testing.assert_close(got["eval_logits"], eval_logits, rtol=1e-5, atol=1e-5)
     # Greedy decoding with a KV cache of the local heads: the prefill on flash_attn, each
     # next token on flash_decode, the same tokens as the unsharded model.
     assert got["decode_attention"] == {"flash_attn": 2, "flash_decode": 2 * 3}, got["decode_attention"]
     assert torch.equal(got["generated"], generated), (got["generated"], generated)
-    if got["train_logits"] is not None:
-        torch.testing.assert_close(got["train_logits"], train_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["loss"], loss, rtol=1e-6, atol=1e-6)
     assert got["grads"].keys() == grads.keys()
     for name, (g,) in grads.items():

@@ -633,6 +633,45 @@ def test_unserved_loss_functions_run_hf_forward_with_a_warning(pair):
     assert_close(out.loss, expected.loss, "loss of a custom loss function")
 
 
+@pytest.mark.parametrize("change", ["forward hook", "instance forward"])
+def test_unfused_lm_heads_run_hf_forward_with_a_warning_naming_them(pair, change):
+    """An lm_head the fused loss does not take (a forward hook on it, or a forward set on the
+    instance, which may do anything) runs HF's forward, its logits and loss as the reference
+    model's with the same change; the warning and LOSS_CALLS name what was seen, by name."""
+    ref, model = pair()
+    lfp.patch(model)
+    ref.train(), model.train()
+
+    def halve_logits(module, args, output):
+        return output * 0.5
+
+    def halved_forward(x, head):
+        return torch.nn.Linear.forward(head, x) * 0.5
+
+    for m in (ref, model):
+        if change == "forward hook":
+            m.lm_head.register_forward_hook(halve_logits)
+        else:
+            m.lm_head.forward = functools.partial(halved_forward, head=m.lm_head)
+    seen = ("Linear, forward hooks test_patch_hf.test_unfused_lm_heads_run_hf_forward_with_a_warning_naming_them."
+            "<locals>.halve_logits" if change == "forward hook" else
+            "Linear, its forward replaced by test_patch_hf.test_unfused_lm_heads_run_hf_forward_with_a_warning_"
+            "naming_them.<locals>.halved_forward")
+    ids = tokens(2, 8)
+    importlib.import_module("llama_fast.hf_causal_lm")._WARNED.clear()
+    with torch.no_grad(), llama_fast.backend("torch"), pytest.warns(UserWarning) as caught:
+        out = model(ids, labels=ids)
+    with torch.no_grad():
+        expected = ref(ids, labels=ids)
+    why = f"an lm_head the fused loss does not take ({seen})"
+    assert [str(w.message) for w in caught if "llama_fast" in str(w.message)] == [
+        f"llama_fast: the loss of LlamaForCausalLM runs Hugging Face's forward (with logits) for {why}"]
+    assert lfp.LOSS_CALLS == {f"transformers: {why}": 1}, lfp.LOSS_CALLS
+    assert out.logits is not None
+    assert_close(out.logits, expected.logits, "logits")
+    assert_close(out.loss, expected.loss, "loss")
+
+
 def test_cross_entropy_off_keeps_hf_forward(pair):
     ref, model = pair()
     report = lfp.patch(model, cross_entropy=False)
