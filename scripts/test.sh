@@ -11,5 +11,5 @@ if [ $# -eq 0 ]; then
     echo "== the Hugging Face tests with the oldest supported transformers"
     bash scripts/setup_hf_oldest.sh
     .venv-hf-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_patch_hf.py \
-        tests/test_patch_hf_conventions.py "tests/test_packaging.py::test_the_repository_root_hides_no_other_distribution"
+        tests/test_patch_hf_conventions.py tests/test_hf_distributed.py "tests/test_packaging.py::test_the_repository_root_hides_no_other_distribution"
 fi
