@@ -201,7 +201,7 @@ def test_attention_work_ratio_on_every_arch_with_sized_mma(results):
 
 
 MEMORY_BOUND = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rms_norm_dw_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
-                "_rope_kernel", "_flash_decode_split_kernel", "_flash_decode_combine_kernel")
+                "_rope_kernel", "_flash_decode_split_kernel")
 
 
 def test_memory_bound_kernels_keep_two_blocks_per_sm_or_say_why(results):
