@@ -11,7 +11,7 @@ sums the (programs x N) partials column by column in a fixed order and writes dW
 weight's dtype. So the weight gradient is bit-for-bit deterministic (no float atomics),
 and there is no torch ``sum`` + ``to`` after the kernel. rstd is recomputed from h, which
 the backward reads anyway, instead of being saved by the forward. Where registers allow
-(hidden sizes below 4096) the row loop prefetches: the next tile's h and dy are loaded
+(hidden sizes 513-2048) the row loop prefetches: the next tile's h and dy are loaded
 before the current tile's row reductions.
 
 Numerics follow Hugging Face's LlamaRMSNorm: float32 statistics, the normalised value
@@ -27,18 +27,23 @@ prefetch; registers / spill bytes / blocks per SM; bytes ratio 1.00 everywhere)
   before its first BAR.SYNC, so their latency overlaps both block reductions, the dx math
   and the dx stores.
 - Hidden 4096 (16 warps) keeps the loop without prefetch: 64 registers, 2 blocks/SM as
-  before (fp16 with dh 79-85, 1 block, as before). Prefetch measured there: 76-96
-  registers, 1 block/SM on every dtype: the second resident block, which hides the same
-  latency, would be lost. Hidden 8192 (32 warps, 64 registers): prefetch spills 4-12
+  before (fp16 with dh 79-85, 1 block, as before). Prefetch measured there (bf16, fp16):
+  76-96 registers, 1 block/SM: the second resident block, which hides the same latency,
+  would be lost. Hidden 8192 (32 warps, 64 registers): prefetch spills 4-12
   bytes; without it nothing changes (64 registers, no spills, 1 block of 32 warps).
+- Prefetch at narrower rows (8 or more per tile, 8 warps): 108-128 registers at 16-256
+  and 1024 columns (2 blocks/SM) but 149-167 at 512 and 219-255 at 4-8 (1 block/SM); it
+  is on from 1024 columns only (1-4 rows per tile, where one row's two dependent
+  reductions are all a warp has to wait on).
 - Rejected: one ``tl.reduce`` of (h*h, g*h) per row instead of the two dependent
   ``tl.sum`` calls (sum(g*xhat) = rstd * sum(g*h)): 79-83 registers at 4096 with dh (64
   before), 1 block/SM, and 4 spill bytes at 8192 on sm_80/86.
-- dW: the torch ``sum(0)`` (plus a ``to`` for a 16-bit weight) was 1-2 more launches on
-  the same bytes. ``_rms_norm_dw_kernel``: 39-40 registers, no spills, 12 blocks/SM
-  (sm_80/86/90), 16-byte loads, bytes ratio 1.02 (the partials read once, dW written
-  once). At 8192 tokens x 4096 with 264 programs the partials are 4.3 MB written + 4.3
-  MB read beside the 201 MB that dy, h and dx move.
+- dW: the torch ``sum(0)`` plus a ``to`` for a 16-bit weight (two launches, a float32 dW
+  written and read again) is now one launch. ``_rms_norm_dw_kernel``: 39-40 registers,
+  no spills, 12 blocks/SM (sm_80/86/90), 16-byte loads, bytes ratio 1.02 (1.05 for a
+  float32 weight: the 32 sums are stored by all 128 threads of the reduced layout, 256
+  bytes where 64 suffice). At 8192 tokens x 4096 with 264 programs the partials are 4.3
+  MB written + 4.3 MB read beside the 201 MB that dy, h and dx move.
 """
 from __future__ import annotations
 
@@ -193,12 +198,15 @@ DW_BLOCK_P = 64
 DW_NUM_WARPS = 4
 
 
-# Software prefetch of the next tile (PREFETCH) where it costs no resident warps: below
-# BWD_WIDE_FROM, 16 values per thread on 8 warps, the compile check gives 121-127 registers
-# with it (99-127 without) at hidden 2048, still 2 blocks per SM. At 4096 it takes 76-96
-# registers (64 without): 1 block of 16 warps instead of 2, so the second resident block,
-# which hides the same latency, would go; at 8192 (32 warps, 64 registers at most) it
-# spills 4-12 bytes. See the design notes.
+# Software prefetch of the next tile (PREFETCH) where it costs no resident block: tiles of
+# 1-4 rows of 1024-2048 columns (16 values per thread on 8 warps), 121-128 registers with it
+# (sm_80/90; 2048 on sm_86 too), 2 blocks per SM. At 4096 it takes 76-96 registers (64 without): 1 block of
+# 16 warps instead of 2, so the second resident block, which hides the same latency, would
+# go; at 8192 (32 warps, 64 registers at most) it spills 4-12 bytes. Narrower rows come 8
+# or more to a tile, whose row reductions are independent of each other already; there it
+# would cost a block at 512 columns (149-167 registers) and at 4-8 (219-255). See the
+# design notes.
+BWD_PREFETCH_FROM = 1024
 BWD_PREFETCH_BELOW = BWD_WIDE_FROM
 
 
@@ -206,7 +214,7 @@ def bwd_launch_config(n: int) -> dict:
     cfg = launch_config(n)
     if cfg["BLOCK_N"] >= BWD_WIDE_FROM:
         cfg["num_warps"] = max(1, min(MAX_WARPS, cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * BWD_VALUES_PER_THREAD)))
-    cfg["PREFETCH"] = cfg["BLOCK_N"] < BWD_PREFETCH_BELOW
+    cfg["PREFETCH"] = BWD_PREFETCH_FROM <= cfg["BLOCK_N"] < BWD_PREFETCH_BELOW
     return cfg
 
 
@@ -277,8 +285,8 @@ def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None
     if n >= 8192:
         # One row per program held in registers over 16-32 warps (512-1024 threads): a block
         # is a quarter to half of an SM's threads, so one resident block still runs 16-32
-        # warps. Known gap (sm_90, 8192 backward: 122 registers x 512 threads = 1 block, 16
-        # warps): a persistent kernel that prefetches the next row would hide more latency.
+        # warps. Prefetching the next row does not fit there: at 32 warps (64 registers at
+        # most) it spills 4-12 bytes (see the design notes).
         return "one wide row per program on 16-32 warps"
     if kernel == "_rms_norm_bwd_kernel" and n <= 8:
         # Hidden sizes of 8 or fewer (not a Llama shape): 512-1024 rows per step and their

@@ -104,12 +104,12 @@ def test_many_rows_weight_gradient_reduction(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden, rows", [(2048, 21), (4096, 9), (1000, 37)])
+@pytest.mark.parametrize("hidden, rows", [(2048, 21), (4096, 9), (1000, 37), (300, 70)])
 def test_several_tiles_per_backward_program(dtype, hidden, rows):
     """The Triton backward walks several row tiles per program (CPU: 4 programs), with the
-    software prefetch (hidden below 4096: the next tile loaded before this one's
+    software prefetch (hidden 513-2048: the next tile loaded before this one's
     reductions, the last program's run ragged) and without it (4096), both variants."""
-    assert _rms_kernels().bwd_launch_config(hidden)["PREFETCH"] == (hidden < 4096)
+    assert _rms_kernels().bwd_launch_config(hidden)["PREFETCH"] == (512 < hidden <= 2048)
     for fused_add in (False, True):
         residual = randn((rows, hidden), dtype) if fused_add else None
         check_rms_norm("triton", randn((rows, hidden), dtype), randn((hidden,), dtype), residual)
