@@ -26,9 +26,9 @@ A split that gets no keys (more splits than blocks, a short sequence) writes lse
 and a zero output, which the combine weighs 0.
 
 Fused combine: after storing its partials a program adds 1 to its row tile's arrival
-counter (one int32 per row tile, i.e. per grid index along dimension 0, ``tl.atomic_add`` with acq_rel semantics at GPU scope,
-after a barrier so every thread's stores precede it); the program that sees num_splits - 1
-is the last of the tile. It resets the counter to 0 (so the next launch, or a CUDA graph
+counter (one int32 per index of grid dimension 0; ``tl.atomic_add`` with acq_rel
+semantics at GPU scope, after a barrier so every thread's stores precede it); the program
+that sees num_splits - 1 is the last of the tile. It resets the counter to 0 (so the next launch, or a CUDA graph
 replay, needs no memset) and merges the tile's num_splits partials per row with weights
 2^(lse_s - max lse) / sum, in split order (the result does not depend on which program
 was last), reading them with .cg loads (L2; the other programs' stores went there), and
@@ -60,7 +60,7 @@ variant, the 16-row single-token tiles at head dims 64/128, bf16 and fp16 alike;
 spill bytes, blocks per SM; before = split kernel + separate combine kernel)
 - Splits, hd 128: before 128 registers on sm_80/86/89/90/100 (4 blocks/SM; sm_86/89 2,
   limited by 38912 B of shared memory), 136 on sm_120 (2). With the fused combine: sm_80
-  128 (4 blocks), sm_90 140 and sm_100 144 (3 blocks: the merge's state costs 12-16
+  128 (4 blocks), sm_90 140 and sm_100 138 (3 blocks: the merge's state costs 10-12
   registers there), sm_86/89 128 and sm_120 164 (2, shared memory). No spills.
 - Splits, hd 64: before 128/138/138/137/137/128 (sm_80/86/89/90/100/120; 4, 2, 2, 3, 3, 2
   blocks). Now sm_80 128 (4), sm_90/100 139 (3), and the consumer tiles of 64 keys: 20480
@@ -68,11 +68,11 @@ spill bytes, blocks per SM; before = split kernel + separate combine kernel)
 - WRITE_OUT (one split) is unchanged but for the consumer hd-64 tile (80 registers on
   sm_86/89, 122 on sm_120, 4 blocks/SM, was 128/168 and 2).
 - The merge's weighted sum is unrolled by COMBINE_UNROLL = 2 splits per step, 16-byte .cg
-  loads: unrolled by 4 it spills 16 bytes on sm_80 at hd 128 (128 registers); by 1 it still takes 137
-  registers on sm_90 and spills 8 bytes on sm_100. The 32- and 64-row tiles (speculative
-  decoding) unroll by 1: by 2 they spill 32 bytes on sm_120 (248 and 222 registers by 1,
-  no spills). Rejected for the consumer parts: 32
-  keys at hd 128 (4 blocks/SM on sm_86/89, but sm_120 spills 12 bytes in WRITE_OUT).
+  loads: unrolled by 4 it spills 16 bytes on sm_80 at hd 128 (128 registers); by 1 it
+  still takes 137 registers on sm_90 and spills 8 bytes on sm_100. The 32- and 64-row
+  tiles (speculative decoding) unroll by 1: by 2 they spill 32 bytes on sm_120 (248 and
+  222 registers by 1, no spills). Rejected for the consumer parts: 32 keys at hd 128 (4
+  blocks/SM on sm_86/89, but sm_120 spills 12 bytes in WRITE_OUT).
 - The PTX of the arrival: the partial stores, ``bar.sync``, then thread 0's
   ``atom.global.gpu.acq_rel.add.u32``, its result broadcast through shared memory after a
   second ``bar.sync``; the reset is thread 0's ``atom.global.gpu.relaxed.exch.b32``.
@@ -307,11 +307,11 @@ MAX_SPLITS = 65535
 MIN_BLOCKS_PER_SPLIT = 4
 
 
-# Shared memory by GPU class (kernels.flash_attn.gpu_class): two stages of K and V tiles
-# of BLOCK_N keys take 64 KiB at head dim 128 (64 keys) and at 64 (128 keys). That is 3
-# blocks per SM on hopper/blackwell (228 KiB) and 2 on ampere (164 KiB), but 1 on the
-# consumer parts (sm_86/89/120: 100 KiB per SM), so there a step takes half the keys:
-# 32 KiB, 3 blocks per SM (see the design notes).
+# Shared memory by GPU class (kernels.flash_attn.gpu_class): the 16-row tiles take 38912 B
+# at head dims 64 (128 keys) and 128 (64 keys), which the consumer parts (sm_86/89/120,
+# 100 KiB per SM) fit twice, the others 3-4 times (registers limit them first). At head
+# dim 64 the consumer parts take half the keys per step: 20480 B, 4 blocks per SM; at 128
+# they keep 64 keys (32 spill 12 bytes on sm_120 without splits; see the design notes).
 CONSUMER_KEY_FRACTION = 2
 
 
