@@ -73,6 +73,9 @@ spill bytes, blocks per SM; before = split kernel + separate combine kernel)
   tiles (speculative decoding) unroll by 1: by 2 they spill 32 bytes on sm_120 (248 and
   222 registers by 1, no spills). Rejected for the consumer parts: 32 keys at hd 128 (4
   blocks/SM on sm_86/89, but sm_120 spills 12 bytes in WRITE_OUT).
+- The general variant (no alignment or stride specialisation; reported, not launched by
+  Llama-shaped calls) spilled before and spills more with the merge, on sm_90 with splits:
+  hd 64 8/4 -> 76/72 bytes, hd 128 552/552 -> 752/764 bytes (255 registers).
 - The PTX of the arrival: the partial stores, ``bar.sync``, then thread 0's
   ``atom.global.gpu.acq_rel.add.u32``, its result broadcast through shared memory after a
   second ``bar.sync``; the reset is thread 0's ``atom.global.gpu.relaxed.exch.b32``.
