@@ -105,8 +105,8 @@ def override(role: str, cfg: dict):
             return dkdv, dq
         return (dict(cfg), dq) if role == "dkdv" else (dkdv, dict(cfg)) if role == "dq" else (dkdv, dq)
 
-    def launch_config(group, q_len, head_dim):
-        current = saved[2](group, q_len, head_dim)
+    def launch_config(group, q_len, head_dim, *args, **kwargs):
+        current = saved[2](group, q_len, head_dim, *args, **kwargs)
         if role != "decode" or current["BLOCK_M"] != cfg["BLOCK_M"]:
             return current
         return dict(current, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

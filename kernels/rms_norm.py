@@ -5,13 +5,45 @@ is read once and y written once; with a residual the sum h = x + r is rounded to
 dtype, stored (the next residual add needs it) and normalised in the same pass.
 
 Backward: a persistent grid. Each program walks a contiguous run of rows, writes dx, and
-accumulates its share of dweight in float32 registers; the per-program partial sums are
-reduced afterwards by one ``sum`` over programs. That order is fixed, so the weight
-gradient is bit-for-bit deterministic (no float atomics). rstd is recomputed from h, which
-the backward reads anyway, instead of being saved by the forward.
+accumulates its share of dweight in float32 registers, then writes it as one float32
+partial row; a second small kernel (``_rms_norm_dw_kernel``, one program per 32 columns)
+sums the (programs x N) partials column by column in a fixed order and writes dW in the
+weight's dtype. So the weight gradient is bit-for-bit deterministic (no float atomics),
+and there is no torch ``sum`` + ``to`` after the kernel. rstd is recomputed from h, which
+the backward reads anyway, instead of being saved by the forward. Where registers allow
+(hidden sizes 513-2048) the row loop prefetches: the next tile's h and dy are loaded
+before the current tile's row reductions.
 
 Numerics follow Hugging Face's LlamaRMSNorm: float32 statistics, the normalised value
 rounded to the input dtype before the weight multiplies it.
+
+Compiled evidence (Triton 3.6, ``python -m llama_fast.tools.compile_check``, launch variant;
+"before" is the backward with a torch ``sum(0).to(dtype)`` over its partials and no
+prefetch; registers / spill bytes / blocks per SM; bytes ratio 1.00 everywhere)
+- Hidden 2048 (8 warps, 2 rows per tile), bf16: before 109/101/99 registers on
+  sm_80/86/90 without dh, 121/121/127 with it, no spills, 2 blocks/SM. With PREFETCH:
+  125/125/121 and 122/121/127, no spills, still 2 blocks/SM. In the SASS (sm_90) the next
+  tile's four 16-byte LDGs sit in the loop after the first reduction's warp shuffles and
+  before its first BAR.SYNC, so their latency overlaps both block reductions, the dx math
+  and the dx stores.
+- Hidden 4096 (16 warps) keeps the loop without prefetch: 64 registers, 2 blocks/SM as
+  before (fp16 with dh 79-85, 1 block, as before). Prefetch measured there (bf16, fp16):
+  76-96 registers, 1 block/SM: the second resident block, which hides the same latency,
+  would be lost. Hidden 8192 (32 warps, 64 registers): prefetch spills 4-12
+  bytes; without it nothing changes (64 registers, no spills, 1 block of 32 warps).
+- Prefetch at narrower rows (8 or more per tile, 8 warps): 108-128 registers at 16-256
+  and 1024 columns (2 blocks/SM) but 149-167 at 512 and 219-255 at 4-8 (1 block/SM); it
+  is on from 1024 columns only (1-4 rows per tile, where one row's two dependent
+  reductions are all a warp has to wait on).
+- Rejected: one ``tl.reduce`` of (h*h, g*h) per row instead of the two dependent
+  ``tl.sum`` calls (sum(g*xhat) = rstd * sum(g*h)): 79-83 registers at 4096 with dh (64
+  before), 1 block/SM, and 4 spill bytes at 8192 on sm_80/86.
+- dW: the torch ``sum(0)`` plus a ``to`` for a 16-bit weight (two launches, a float32 dW
+  written and read again) is now one launch. ``_rms_norm_dw_kernel``: 39-40 registers,
+  no spills, 12 blocks/SM (sm_80/86/90), 16-byte loads, bytes ratio 1.02 (1.05 for a
+  float32 weight: the 32 sums are stored by all 128 threads of the reduced layout, 256
+  bytes where 64 suffice). At 8192 tokens x 4096 with 264 programs the partials are 4.3
+  MB written + 4.3 MB read beside the 201 MB that dy, h and dx move.
 """
 from __future__ import annotations
 
@@ -54,7 +86,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DH, H, W, DX, DW_PARTIAL,
     M, N, stride_dy, stride_dh, stride_h, stride_dx, eps, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -62,15 +94,32 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
+    # This program's rows are first .. end - 1 (rows_per_program is a multiple of BLOCK_M,
+    # so runs of programs never overlap); the prefetch never reads past them.
+    end = tl.minimum(first + rows_per_program, M)
     local = tl.arange(0, BLOCK_M)
-    # rows_per_program is a multiple of BLOCK_M, so runs of programs never overlap.
+    tile_h = local[:, None] * stride_h + cols[None, :]
+    tile_dy = local[:, None] * stride_dy + cols[None, :]
+    if PREFETCH:
+        mask = (local < end - first)[:, None] & col_ok[None, :]
+        h_next = tl.load(H + first * stride_h + tile_h, mask=mask, other=0.0)
+        dy_next = tl.load(DY + first * stride_dy + tile_dy, mask=mask, other=0.0)
     for offset in range(0, rows_per_program, BLOCK_M):
         row0 = first + offset
-        mask = (local < M - row0)[:, None] & col_ok[None, :]
-        h = tl.load(H + row0 * stride_h + (local[:, None] * stride_h + cols[None, :]), mask=mask, other=0.0)
-        h = h.to(tl.float32)
-        dy = tl.load(DY + row0 * stride_dy + (local[:, None] * stride_dy + cols[None, :]), mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
+        mask = (local < end - row0)[:, None] & col_ok[None, :]
+        if PREFETCH:
+            h = h_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            # Software prefetch: the next tile's loads are issued before this tile's row
+            # reduction, so their latency hides behind its shuffles and barriers (masked
+            # off, so no memory traffic, past this program's last row).
+            row1 = row0 + BLOCK_M
+            mask_next = (local < end - row1)[:, None] & col_ok[None, :]
+            h_next = tl.load(H + row1 * stride_h + tile_h, mask=mask_next, other=0.0)
+            dy_next = tl.load(DY + row1 * stride_dy + tile_dy, mask=mask_next, other=0.0)
+        else:
+            h = tl.load(H + row0 * stride_h + tile_h, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row0 * stride_dy + tile_dy, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
         xhat = h * rstd[:, None]
         g = dy * w[None, :]
@@ -83,6 +132,25 @@ def _rms_norm_bwd_kernel(
         # The forward multiplied the weight by xhat rounded to the input dtype.
         dw += tl.sum(dy * xhat.to(H.dtype.element_ty).to(tl.float32), axis=0)
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
+
+
+@triton.jit
+def _rms_norm_dw_kernel(
+    DW_PARTIAL, DW, programs, N,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dW = the column sums of the (programs, N) float32 partial rows, in a fixed order
+    (deterministic), rounded once to the weight's dtype. One program per BLOCK_N columns;
+    it accumulates a (BLOCK_P, BLOCK_N) tile so its loads are independent, and reduces
+    across the tile's rows once at the end."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rows = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, programs, BLOCK_P):
+        mask = (rows < programs - p0)[:, None] & col_ok[None, :]
+        acc += tl.load(DW_PARTIAL + (p0 + rows)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_ok)
 
 
 # Launch heuristics. A program handles about ELEMENTS_PER_PROGRAM values: whole rows for
@@ -99,7 +167,7 @@ MAX_WARPS = 32
 # pair of programs per SM only started when the first finished its rows (the same total
 # time), and each program adds one float32 dW partial row to write and reduce (at 8192
 # tokens x 4096, 132 SMs: 528 rows, 8.7 MB written and read back, 8 % of the op's 204 MB;
-# now 4 %). Fusing that reduction into the kernel is the next step.
+# now 4 %). They are summed by _rms_norm_dw_kernel, not by torch (see the design notes).
 BWD_PROGRAMS_PER_SM = 2
 
 
@@ -122,10 +190,31 @@ BWD_VALUES_PER_THREAD = 8
 BWD_WIDE_FROM = 4096
 
 
+# The dW reduction: BLOCK_N = 32 float32 columns (128 bytes: one cache line per partial
+# row) per program, so a 4096-wide weight spreads over 128 programs; BLOCK_P = 64 partial
+# rows per step on 4 warps is 16 values per thread, loaded 16 bytes at a time.
+DW_BLOCK_N = 32
+DW_BLOCK_P = 64
+DW_NUM_WARPS = 4
+
+
+# Software prefetch of the next tile (PREFETCH) where it costs no resident block: tiles of
+# 1-4 rows of 1024-2048 columns (16 values per thread on 8 warps), 121-128 registers with it
+# (sm_80/90; 2048 on sm_86 too), 2 blocks per SM. At 4096 it takes 76-96 registers (64 without): 1 block of
+# 16 warps instead of 2, so the second resident block, which hides the same latency, would
+# go; at 8192 (32 warps, 64 registers at most) it spills 4-12 bytes. Narrower rows come 8
+# or more to a tile, whose row reductions are independent of each other already; there it
+# would cost a block at 512 columns (149-167 registers) and at 4-8 (219-255). See the
+# design notes.
+BWD_PREFETCH_FROM = 1024
+BWD_PREFETCH_BELOW = BWD_WIDE_FROM
+
+
 def bwd_launch_config(n: int) -> dict:
     cfg = launch_config(n)
     if cfg["BLOCK_N"] >= BWD_WIDE_FROM:
         cfg["num_warps"] = max(1, min(MAX_WARPS, cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * BWD_VALUES_PER_THREAD)))
+    cfg["PREFETCH"] = BWD_PREFETCH_FROM <= cfg["BLOCK_N"] < BWD_PREFETCH_BELOW
     return cfg
 
 
@@ -170,7 +259,19 @@ def rms_norm_bwd(dy, dh, h, weight, eps):
             m, n, row_stride(dy2), row_stride(dh2) if dh2 is not None else 0, row_stride(h2), n, eps,
             rows_per_program, HAS_DH=dh is not None, **cfg,
         )
-    return dx.view(shape), dw_partial.sum(0).to(weight.dtype)
+        dw = reduce_dw_partials(dw_partial, weight.dtype)
+    return dx.view(shape), dw
+
+
+def reduce_dw_partials(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The column sums of the contiguous float32 (programs, N) partial weight gradients, in
+    ``dtype``: one launch of _rms_norm_dw_kernel (the caller sets the device)."""
+    programs, n = dw_partial.shape
+    dw = _alloc.empty((n,), dtype, dw_partial.device)
+    _rms_norm_dw_kernel[(triton.cdiv(n, DW_BLOCK_N),)](
+        dw_partial, dw, programs, n, BLOCK_P=DW_BLOCK_P, BLOCK_N=DW_BLOCK_N, num_warps=DW_NUM_WARPS,
+    )
+    return dw
 
 
 def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None:
@@ -184,8 +285,8 @@ def low_occupancy_reason(kernel: str, constexprs: dict, arch: int) -> str | None
     if n >= 8192:
         # One row per program held in registers over 16-32 warps (512-1024 threads): a block
         # is a quarter to half of an SM's threads, so one resident block still runs 16-32
-        # warps. Known gap (sm_90, 8192 backward: 122 registers x 512 threads = 1 block, 16
-        # warps): a persistent kernel that prefetches the next row would hide more latency.
+        # warps. Prefetching the next row does not fit there: at 32 warps (64 registers at
+        # most) it spills 4-12 bytes (see the design notes).
         return "one wide row per program on 16-32 warps"
     if kernel == "_rms_norm_bwd_kernel" and n <= 8:
         # Hidden sizes of 8 or fewer (not a Llama shape): 512-1024 rows per step and their
@@ -201,13 +302,21 @@ def min_global_bytes(kernel: str, constexprs: dict, signature: dict) -> int:
     """Bytes the kernel's code must move with each loop body run once, for the compile
     check's bytes ratio: forward x and y (with a residual also r and h) of a BLOCK_M x
     BLOCK_N tile and the weight; backward dy, h and dx (and dh) of one tile in the row
-    loop, plus the weight and the float32 dW partial row outside it."""
-    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    loop (h and dy twice: the prefetch before the loop and in it), plus the weight and the
+    float32 dW partial row outside it; the dW reduction one (BLOCK_P, BLOCK_N) float32
+    tile of partials and BLOCK_N weight-dtype values."""
     size = {name: _BYTES[t[1:]] for name, t in signature.items() if t.startswith("*")}
+    if kernel == "_rms_norm_dw_kernel":
+        return constexprs["BLOCK_P"] * constexprs["BLOCK_N"] * 4 + constexprs["BLOCK_N"] * size["DW"]
+    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
     if kernel == "_rms_norm_fwd_kernel":
         tensors = ["X", "Y"] + (["R", "H"] if constexprs["HAS_RESIDUAL"] else [])
         return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * size["W"]
     tensors = ["DY", "H", "DX"] + (["DH"] if constexprs["HAS_DH"] else [])
+    if constexprs["PREFETCH"]:
+        # The prefetch's loads of h and dy are in the code twice (the first tile before the
+        # loop, the next one inside it); each runs once per tile.
+        tensors += ["DY", "H"]
     return tile * sum(size[t] for t in tensors) + constexprs["BLOCK_N"] * (size["W"] + 4)
 
 
@@ -221,7 +330,8 @@ def compile_configs():
     for block_n in [2**i for i in range(2, 17)]:
         cfg = launch_config(block_n)
         warps = cfg.pop("num_warps")
-        bwd_warps = bwd_launch_config(block_n)["num_warps"]
+        bwd_cfg = bwd_launch_config(block_n)
+        bwd_warps, prefetch = bwd_cfg["num_warps"], bwd_cfg["PREFETCH"]
         n16 = 16 if block_n >= 16 else None
         hints = {"M": 16, "rows_per_program": 16 if cfg["BLOCK_M"] % 16 == 0 else None, **dict.fromkeys(
             ["N", "stride_x", "stride_r", "stride_y", "stride_h", "stride_dy", "stride_dh", "stride_dx"], n16)}
@@ -240,8 +350,14 @@ def compile_configs():
                     "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_dh": "i32",
                     "stride_h": "i32", "stride_dx": "i32", "eps": "fp32", "rows_per_program": "i32",
                 }
-                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag), bwd_warps,
+                yield (_rms_norm_bwd_kernel, sig, dict(cfg, HAS_DH=flag, PREFETCH=prefetch), bwd_warps,
                        {k: v for k, v in hints.items() if k in sig and v})
+    # The dW reduction: one configuration per weight dtype; programs (the partial rows) and
+    # N (the hidden size) are multiples of 16 at Llama shapes.
+    for wt in ("bf16", "fp16", "fp32"):
+        sig = {"DW_PARTIAL": "*fp32", "DW": f"*{wt}", "programs": "i32", "N": "i32"}
+        yield (_rms_norm_dw_kernel, sig, {"BLOCK_P": DW_BLOCK_P, "BLOCK_N": DW_BLOCK_N}, DW_NUM_WARPS,
+               {"programs": 16, "N": 16})
 
 
 # The triton backend's implementations from this file, by the dispatcher's op names.

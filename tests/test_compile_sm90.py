@@ -244,8 +244,8 @@ def test_attention_work_ratio_on_every_arch_with_sized_mma(results):
     assert not bad, "\n".join(bad)
 
 
-MEMORY_BOUND = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
-                "_rope_kernel", "_flash_decode_split_kernel", "_flash_decode_combine_kernel")
+MEMORY_BOUND = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rms_norm_dw_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+                "_rope_kernel", "_flash_decode_split_kernel")
 
 
 def test_memory_bound_kernels_keep_two_blocks_per_sm_or_say_why(results):
@@ -297,3 +297,18 @@ def test_memory_bound_kernels_move_16_bytes_per_instruction(results):
             f"{_describe(r)}: load widths {loads}, store widths {stores} (bytes: instructions)"
         checked += 1
     assert checked >= 2 * 40, checked
+
+
+def test_decode_single_token_tiles_are_clean_on_every_arch(results):
+    """flash_decode's Llama-3 single-token tiles (16 rows, head dims 64 and 128, bf16 and
+    fp16), with the fused combine and with WRITE_OUT, compile for all six archs through
+    their GPU class's configuration: no spills, >= 2 blocks per SM."""
+    checked = [r for r in results if r["variant"] == "launch" and r["kernel"] == "_flash_decode_split_kernel"
+               and r["constexprs"]["BLOCK_M"] == 16 and r["constexprs"]["HEAD_DIM"] in (64, 128)
+               and r["types"].split(",")[0] in ("bf16", "fp16")]
+    assert {(r["arch"], r["constexprs"]["HEAD_DIM"], r["types"].split(",")[0], r["constexprs"]["WRITE_OUT"])
+            for r in checked} == {(a, d, t, w) for a in ARCHS for d in (64, 128) for t in ("bf16", "fp16")
+                                  for w in (False, True)}
+    bad = [f"{_describe(r)}: spills {r['spill_stores']}/{r['spill_loads']}, {r['ctas_per_sm']} blocks/SM"
+           for r in checked if _spills(r) or r["ctas_per_sm"] < 2]
+    assert not bad, "\n".join(bad)

@@ -216,17 +216,16 @@ def test_launches_depend_on_shapes_not_lengths(monkeypatch):
     (a CUDA graph captured once replays for any lengths), and the lengths are never read
     on the host."""
     fd = _fd()
-    split, combine = _Recorder(), _Recorder()
+    split = _Recorder()
     monkeypatch.setattr(fd, "_flash_decode_split_kernel", split)
-    monkeypatch.setattr(fd, "_flash_decode_combine_kernel", combine)
     q, k, v, _ = make_inputs(1, 1, 8, 1, 64, 1000, [1000], torch.bfloat16)  # one program per split
     for lengths in ([1000], [0], [513]):
         seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
         monkeypatch.setattr(seqlens, "tolist", lambda: pytest.fail("read the lengths on the host"))
         monkeypatch.setattr(seqlens, "item", lambda: pytest.fail("read the lengths on the host"))
         fd.decode(q, k, v, seqlens, 0.125, 0)
+    # One launch per call (the combine is fused), the same every time.
     assert len(split.launches) == 3 and len(set(split.launches)) == 1
-    assert len(combine.launches) == 3 and len(set(combine.launches)) == 1
 
 
 def test_num_splits_heuristic(monkeypatch):
@@ -248,14 +247,101 @@ def test_num_splits_heuristic(monkeypatch):
     assert 1 <= fd.choose_num_splits(0, cpu, 1, 8192, 64) <= fd.CPU_PROGRAMS
 
 
-def test_launch_config_tiles():
+@pytest.mark.parametrize("gpu", ["hopper", "blackwell", "ampere", "consumer"])
+def test_launch_config_tiles(gpu):
     fd = _fd()
     for group, q_len, head_dim in [(4, 1, 128), (8, 1, 64), (1, 1, 32), (8, 4, 128), (32, 4, 256), (1, 1, 96)]:
-        cfg = fd.launch_config(group, q_len, head_dim)
+        cfg = fd.launch_config(group, q_len, head_dim, gpu)
         assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_D"] >= max(16, head_dim)  # tl.dot dims
         assert cfg["BLOCK_M"] <= fd.MAX_BLOCK_M and cfg["BLOCK_N"] in (64, 128)
         if group * q_len <= fd.MAX_BLOCK_M:
             assert cfg["BLOCK_M"] >= group * q_len  # the whole group in one tile: the cache is read once
+    # The consumer parts' 100 KiB SMs take half the keys per step at head dim 64.
+    assert fd.launch_config(4, 1, 64, gpu)["BLOCK_N"] == (64 if gpu == "consumer" else 128)
+    assert fd.launch_config(4, 1, 128, gpu)["BLOCK_N"] == 64
+    assert fd.launch_config(4, 1, 128) == fd.launch_config(4, 1, 128, "hopper")  # off CUDA: hopper tiles
+
+
+def test_every_gpu_class_has_its_archs_in_the_compile_configs():
+    fd = _fd()
+    configs = list(fd.compile_configs())
+    assert {a for config in configs for a in config[5]} == {80, 86, 89, 90, 100, 120}
+    consumer = [c for c in configs if c[2]["HEAD_DIM"] == 64 and c[2]["BLOCK_N"] == 64]
+    assert consumer and all(set(c[5]) == {86, 89, 120} for c in consumer)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the device's own class runs in the tests above")
+@pytest.mark.parametrize("gpu", ["ampere", "consumer", "blackwell"])
+def test_other_gpu_classes_decode(monkeypatch, gpu):
+    """The launcher reads the class from the device (faked here): each class's tiles,
+    with splits and without, match the float64 reference (head dims 64 and 128, GQA 4,
+    ragged lengths, a context of 1)."""
+    from llama_fast.kernels import _common
+
+    fd = _fd()
+    limits = {"ampere": _common.DeviceLimits(80, 163 * 1024, 108), "consumer": _common.DeviceLimits(89, 99 * 1024, 58),
+              "blackwell": _common.DeviceLimits(100, 227 * 1024, 148)}[gpu]
+    monkeypatch.setattr(fd, "device_limits", lambda device: limits)
+    for head_dim in (64, 128):
+        q, k, v, seqlens = make_inputs(2, 1, 8, 2, head_dim, 150, [150, 1], torch.bfloat16)
+        for splits in (1, 3):
+            run_and_check("triton", q, k, v, seqlens, splits, torch.bfloat16, f"{gpu} d{head_dim} {splits} splits")
+
+
+# ---------------------------------------------------------------------------------------
+# the fused combine: the last program of each row tile merges the splits
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_fused_combine_short_contexts(batch, num_splits):
+    """B 1..4 at short, ragged contexts (1, a length that is not a multiple of the 64-key
+    block, one key past a block, a full cache), GQA 4, several split counts (empty splits
+    included): one launch, the output right everywhere, the counters left zero."""
+    fd = _fd()
+    lengths = [1, 97, 65, 200][:batch]
+    q, k, v, seqlens = make_inputs(batch, 1, 8, 2, 128, 200, lengths, torch.bfloat16)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    out = fd.decode(q, k, v, seqlens, 1 / math.sqrt(128), num_splits, counters)
+    assert_close(out, reference(q, k, v, seqlens.cpu(), 1 / math.sqrt(128)), torch.bfloat16, "out")
+    assert not counters.any()
+
+
+def test_fused_combine_counters_reset_for_the_next_call():
+    """Two calls in a row with the same counters (as a CUDA graph replays them, with no
+    memset in between): both right, the counters all zero after each, and the second
+    output bit-for-bit the first (the merge does not depend on which program ran last)."""
+    fd = _fd()
+    q, k, v, seqlens = make_inputs(3, 4, 8, 2, 64, 300, [300, 129, 5], torch.float16)
+    counters = torch.zeros(3 * 2, dtype=torch.int32, device=DEVICE)  # B x Hkv row tiles, exactly
+    outs = []
+    for _ in range(2):
+        outs.append(fd.decode(q, k, v, seqlens, 0.125, 3, counters))
+        assert_close(outs[-1], reference(q, k, v, seqlens.cpu(), 0.125), torch.float16, "out")
+        assert not counters.any(), counters
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_default_counters_are_shared_and_stay_zero():
+    """Without explicit counters a call uses its device's (and stream's) buffer, grown to
+    the largest grid so far, zero after every call."""
+    fd = _fd()
+    for batch, kv_heads in ((1, 1), (4, 4), (2, 1)):
+        q, k, v, seqlens = make_inputs(batch, 1, 4 * kv_heads, kv_heads, 32, 300, [300, 40, 3, 1][:batch], torch.float32)
+        run_and_check("triton", q, k, v, seqlens, 4, torch.float32, f"B={batch}, Hkv={kv_heads}")
+        counters = fd.split_counters(DEVICE, 1)
+        assert counters.numel() >= batch * kv_heads and not counters.any()
+
+
+@pytest.mark.parametrize("bad", ["short", "int64", "strided"])
+def test_bad_counters_are_refused(bad):
+    fd = _fd()
+    q, k, v, seqlens = make_inputs(2, 1, 4, 2, 32, 90, [90, 40], torch.float32)
+    counters = {"short": torch.zeros(3, dtype=torch.int32, device=DEVICE),
+                "int64": torch.zeros(8, dtype=torch.int64, device=DEVICE),
+                "strided": torch.zeros(16, dtype=torch.int32, device=DEVICE)[::2]}[bad]
+    with pytest.raises(ValueError, match="counters must be a contiguous int32 tensor"):
+        fd.decode(q, k, v, seqlens, 0.125, 2, counters)
 
 
 @each_impl

@@ -103,6 +103,41 @@ def test_many_rows_weight_gradient_reduction(backend):
     check_rms_norm(backend, randn((333, 40), torch.float32), randn((40,), torch.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden, rows", [(2048, 21), (4096, 9), (1000, 37), (300, 70)])
+def test_several_tiles_per_backward_program(dtype, hidden, rows):
+    """The Triton backward walks several row tiles per program (CPU: 4 programs), with the
+    software prefetch (hidden 513-2048: the next tile loaded before this one's
+    reductions, the last program's run ragged) and without it (4096), both variants."""
+    assert _rms_kernels().bwd_launch_config(hidden)["PREFETCH"] == (512 < hidden <= 2048)
+    for fused_add in (False, True):
+        residual = randn((rows, hidden), dtype) if fused_add else None
+        check_rms_norm("triton", randn((rows, hidden), dtype), randn((hidden,), dtype), residual)
+
+
+def test_more_backward_programs_than_a_dw_reduction_step(monkeypatch):
+    """As on a GPU with many SMs: one tile per program (the prefetch finds no next tile),
+    70 partial rows, more than the dW reduction sums per step (DW_BLOCK_P = 64)."""
+    kernels = _rms_kernels()
+    monkeypatch.setattr(kernels, "persistent_programs", lambda device, work_items, per_sm: work_items)
+    assert 70 > kernels.DW_BLOCK_P and kernels.launch_config(2048)["BLOCK_M"] == 2
+    check_rms_norm("triton", randn((140, 2000), torch.float32), randn((2000,), torch.float32),
+                   randn((140, 2000), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("programs, n", [(1, 1), (3, 33), (130, 77), (64, 32)])
+def test_dw_partials_reduce_in_triton(dtype, programs, n):
+    """_rms_norm_dw_kernel: the column sums of float32 partials (odd widths, one partial
+    row, several reduction steps) in the weight's dtype, into a NaN-poisoned output, equal
+    to float64 up to one rounding to the dtype, and bit-for-bit repeatable."""
+    partial = torch.randn(programs, n, device=DEVICE)
+    got = _rms_kernels().reduce_dw_partials(partial, dtype)
+    assert got.dtype == dtype and got.shape == (n,)
+    assert_close(got, f64(partial).sum(0), dtype, "dw", scale=f64(partial).abs().sum(0).max().item())
+    assert torch.equal(got, _rms_kernels().reduce_dw_partials(partial, dtype))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_gradient_is_deterministic(backend):
     x = randn((97, 48), torch.float32, ).requires_grad_()
@@ -158,6 +193,12 @@ def test_random_shapes(lead, hidden, fused_add, backend):
     shape = tuple(lead) + (hidden,)
     residual = randn(shape, torch.float32) if fused_add else None
     check_rms_norm(backend, randn(shape, torch.float32), randn((hidden,), torch.float32), residual)
+
+
+def _rms_kernels():
+    from llama_fast.kernels import rms_norm  # imports triton: after conftest set the interpreter up
+
+    return rms_norm
 
 
 def _t(*shape, dtype=torch.float32):
