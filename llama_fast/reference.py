@@ -347,17 +347,9 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
     want_b = want_b and bias is not None
     chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, v)))
     dev = hidden.device
-    losses = _alloc.empty((n,), F32, dev)
     compute_grad = want_h or want_w or want_b
-    if row_scale is not None:
-        scale = row_scale.to(F32)
-    elif reduction == "mean":
-        scale = 1.0 / (target != ignore_index).sum().to(F32)  # a tensor: no device sync
-    else:
-        scale = torch.ones((), dtype=F32, device=dev)
-    gh = _alloc.empty((n, h), hidden.dtype, dev) if want_h else hidden.new_empty(0)
-    gw = weight_grad_accumulator(weight, -(-n // chunk), grad_accumulation) if want_w else weight.new_empty(0)
-    gb = torch.zeros(v, dtype=F32, device=dev) if want_b else hidden.new_empty(0)
+    scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
+                                                  (want_h, want_w, want_b), chunk, grad_accumulation)
     buf = _alloc.empty((chunk, v), hidden.dtype, dev) if n else None
     wt = weight.t()
     for i0 in range(0, n, chunk):
@@ -377,9 +369,38 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
         if want_b:
             gb += logits.sum(0, dtype=F32)
     del buf
-    if want_w and gw.dtype != weight.dtype:
+    return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
+
+
+def linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale, grads, chunk, grad_accumulation):
+    """What a chunked linear cross-entropy pass fills: ``(scale, losses, grad_hidden,
+    grad_weight, grad_bias)``. ``scale`` is each token's loss weight (``row_scale``, or
+    1 / non-ignored tokens for "mean", else 1; a tensor, so no device sync); the gradients
+    not asked for in ``grads`` are empty; the bias gradient is a float32 sum, the weight's
+    as ``weight_grad_accumulator`` says for ``chunk``-row chunks."""
+    n, h = hidden.shape
+    want_h, want_w, want_b = grads
+    dev = hidden.device
+    if row_scale is not None:
+        scale = row_scale.to(F32)
+    elif reduction == "mean":
+        scale = 1.0 / (target != ignore_index).sum().to(F32)
+    else:
+        scale = torch.ones((), dtype=F32, device=dev)
+    losses = _alloc.empty((n,), F32, dev)
+    gh = _alloc.empty((n, h), hidden.dtype, dev) if want_h else hidden.new_empty(0)
+    gw = weight_grad_accumulator(weight, -(-n // chunk), grad_accumulation) if want_w else weight.new_empty(0)
+    gb = torch.zeros(weight.shape[0], dtype=F32, device=dev) if want_b else hidden.new_empty(0)
+    return scale, losses, gh, gw, gb
+
+
+def linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale):
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` from a pass's sums: the gradients in
+    their parameters' dtypes, the loss per token ("none", or the backward's ``row_scale``
+    pass) or reduced."""
+    if gw.dtype != weight.dtype:
         gw = gw.to(weight.dtype)
-    if want_b:
+    if bias is not None and gb.dtype != bias.dtype:
         gb = gb.to(bias.dtype)
     if reduction == "none" or row_scale is not None:
         return losses, gh, gw, gb

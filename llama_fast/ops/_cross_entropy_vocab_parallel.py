@@ -47,7 +47,8 @@ import sys
 import torch
 from torch import Tensor
 
-from llama_fast.reference import F32, accumulate_weight_grad, linear_ce_chunk_rows, weight_grad_accumulator
+from llama_fast.reference import (F32, accumulate_weight_grad, linear_ce_chunk_rows, linear_ce_outputs,
+                                  linear_ce_result)
 
 from ._checks import check_class_indices
 
@@ -166,16 +167,8 @@ def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
     compute_grad = want_h or want_w or want_b
     chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, max(1, v_local))))
     dev = hidden.device
-    if row_scale is not None:
-        scale = row_scale
-    elif reduction == "mean":
-        scale = 1.0 / (target != ignore_index).sum().to(F32)
-    else:
-        scale = torch.ones((), dtype=F32, device=dev)
-    losses = torch.empty((n,), dtype=F32, device=dev)
-    gh = torch.empty((n, h), dtype=hidden.dtype, device=dev) if want_h else hidden.new_empty(0)
-    gw = weight_grad_accumulator(weight, -(-n // chunk), grad_accumulation) if want_w else weight.new_empty(0)
-    gb = torch.zeros(v_local, dtype=F32, device=dev) if want_b else hidden.new_empty(0)
+    scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
+                                                  grads, chunk, grad_accumulation)
     for i0 in range(0, n, chunk):
         x, y = hidden[i0:i0 + chunk], target[i0:i0 + chunk]
         rows = torch.arange(x.shape[0], device=dev)
@@ -216,11 +209,4 @@ def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
             accumulate_weight_grad(gw, g.t(), x, first=i0 == 0)
         if want_b:
             gb += g.sum(0, dtype=F32)
-    if want_w and gw.dtype != weight.dtype:
-        gw = gw.to(weight.dtype)
-    if want_b:
-        gb = gb.to(bias.dtype)
-    if reduction == "none" or row_scale is not None:
-        return losses, gh, gw, gb
-    total = losses.sum()
-    return (total * scale if reduction == "mean" else total), gh, gw, gb
+    return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
