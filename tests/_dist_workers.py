@@ -73,6 +73,41 @@ def data(steps: int, batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (steps, batch, SEQ + 1), generator=g)
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor: a DTensor gathered, a plain tensor as it is."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def full_params(model) -> dict:
+    return {n: full(p) for n, p in model.named_parameters()}
+
+
+def full_grads(model) -> dict:
+    return {n: full(p.grad) for n, p in model.named_parameters()}
+
+
+def adamw_steps(model, batches, loss_fn, *, world: int = 1, backward=torch.Tensor.backward) -> list[float]:
+    """AdamW (LR, weight decay 0.1) over ``batches``: per step ``loss_fn(tokens)``, its
+    ``backward``, a step. Returns the losses; with ``world`` > 1, each step's mean over the
+    ranks (every rank's loss is the mean over its share of the batch)."""
+    import torch.distributed as dist
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses = []
+    for tokens in batches:
+        loss = loss_fn(tokens)
+        backward(loss)
+        opt.step()
+        opt.zero_grad()
+        if world > 1:
+            mean = loss.detach().float().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world)
+        else:
+            losses.append(loss.item())
+    return losses
+
+
 def train_single(kind: str, steps: int, batch: int, *, checkpointing: bool = False, patched: bool = True,
                  mixed_shares: int = 0):
     """The single-process run: (losses, {name: parameter}) after ``steps`` AdamW steps.
@@ -158,8 +193,6 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
     and FSDP2 across the pairs, a (world/2) x 2 mesh) over the global batch of ``train_single``, each
     rank taking its contiguous share of every step's batch. Rank 0 saves the mean losses and
     the full parameters to ``out``; a failing rank saves its traceback to ``out.err<rank>``."""
-    import torch.distributed as dist
-
     with rank_session(rank, world, init_file, out):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -196,21 +229,13 @@ def data_parallel_worker(rank: int, world: int, init_file: str, out: str, kind: 
         if meta:
             model.to_empty(device="cpu")
             model.init_weights(seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         share = batch // dp_size
-        losses = []
-        for tokens in data(steps, batch):
-            loss = loss_of(kind, model, tokens[dp_rank * share:(dp_rank + 1) * share])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            mean = loss.detach().float().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / world)
+        losses = adamw_steps(model, data(steps, batch),
+                             lambda tokens: loss_of(kind, model, tokens[dp_rank * share:(dp_rank + 1) * share]),
+                             world=world)
         if wrap == "ddp":
             model = model.module
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                  for n, p in model.named_parameters()}
+        params = full_params(model)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "graphs": graphs}, out)
 
@@ -235,8 +260,7 @@ def tensor_parallel_worker(rank: int, world: int, init_file: str, out: str, sequ
             logits = model(tokens[:, :-1])
         counts = {str(op): n for op, n in comm.get_comm_counts().items()}
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-                 for n, p in model.named_parameters()}
+        grads = full_grads(model)
 
         # The ops on DTensors with the placements the rules allow: the outputs' placements,
         # and no collective.
@@ -361,16 +385,9 @@ def train_reference_loss_single(tied: bool, steps: int, batch: int):
     import llama_fast
 
     model = build_reference_for_loss(tied)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
     with llama_fast.backend("torch"):
-        for tokens in data(steps, batch):
-            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
-            opt.zero_grad()
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = adamw_steps(model, data(steps, batch), lambda tokens: model(tokens[:, :-1], targets=tokens[:, 1:]))
+    return losses, full_params(model)
 
 
 def tensor_parallel_loss_worker(rank: int, world: int, init_file: str, out: str, tied: bool,
@@ -388,19 +405,17 @@ def tensor_parallel_loss_worker(rank: int, world: int, init_file: str, out: str,
         mesh = init_device_mesh("cpu", (world,))
         model = build_reference_for_loss(tied)
         parallel.tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-        losses, counts = [], None
-        for tokens in data(steps, batch):
+        counts = []  # the first step's collectives
+
+        def loss_fn(tokens):
             with CommDebugMode() as comm:
                 loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-            if counts is None:
-                counts = {str(op): n for op, n in comm.get_comm_counts().items()}
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                  for n, p in model.named_parameters()}
+            counts.append({str(op): n for op, n in comm.get_comm_counts().items()})
+            return loss
+
+        losses = adamw_steps(model, data(steps, batch), loss_fn)
+        counts = counts[0]
+        params = full_params(model)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "counts": counts,
                         "output_placements": tuple(model.output.weight.placements),
@@ -418,16 +433,9 @@ def train_hf_loss_single(steps: int, batch: int):
 
     model = build("hf")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
     with llama_fast.backend("torch"):
-        for tokens in data(steps, batch):
-            loss = hf_loss_of(model, tokens)
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
-            opt.zero_grad()
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = adamw_steps(model, data(steps, batch), lambda tokens: hf_loss_of(model, tokens))
+    return losses, full_params(model)
 
 
 def hf_fsdp_loss_worker(rank: int, world: int, init_file: str, out: str, layout: str, steps: int,
@@ -438,8 +446,6 @@ def hf_fsdp_loss_worker(rank: int, world: int, init_file: str, out: str, layout:
     Rank 0 saves the losses, the full parameters, how the loss calls went
     (hf_causal_lm.LOSS_CALLS) and llama_fast's warnings."""
     import warnings
-
-    import torch.distributed as dist
 
     with rank_session(rank, world, init_file, out):
         from torch.distributed.device_mesh import init_device_mesh
@@ -457,22 +463,13 @@ def hf_fsdp_loss_worker(rank: int, world: int, init_file: str, out: str, layout:
             fully_shard(model, mesh=mesh)
         else:
             parallel.shard_model(model, mesh)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         share = batch // world
-        losses = []
         hf_causal_lm.LOSS_CALLS.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for tokens in data(steps, batch):
-                loss = hf_loss_of(model, tokens[rank * share:(rank + 1) * share])
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                mean = loss.detach().float().clone()
-                dist.all_reduce(mean)
-                losses.append(mean.item() / world)
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                  for n, p in model.named_parameters()}
+            losses = adamw_steps(model, data(steps, batch),
+                                 lambda tokens: hf_loss_of(model, tokens[rank * share:(rank + 1) * share]), world=world)
+        params = full_params(model)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "calls": dict(hf_causal_lm.LOSS_CALLS),
                         "warnings": [str(w.message) for w in caught if "llama_fast" in str(w.message)]}, out)
@@ -518,8 +515,7 @@ def loss_parallel_logits_worker(rank: int, world: int, init_file: str, out: str)
         with loss_parallel():
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
             loss.backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-                 for n, p in model.named_parameters()}
+        grads = full_grads(model)
         if rank == 0:
             torch.save({"placements": tuple(logits.placements), "loss": loss.full_tensor().detach(),
                         "grads": grads}, out)

@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from _dist_workers import LR, SEQ, VOCAB, data, hf_config, rank_session
+from _dist_workers import LR, SEQ, VOCAB, adamw_steps, data, full, full_params, hf_config, rank_session  # noqa: F401 (SEQ, VOCAB: for the tests)
 
 __all__ = ["accelerate_fsdp2_worker", "hf_tensor_parallel_worker", "save_tiny_checkpoint", "tp_reference",
            "train_hf_single"]
@@ -37,10 +37,6 @@ def save_tiny_checkpoint(folder: str, seed: int = 0) -> None:
     LlamaForCausalLM(hf_config()).save_pretrained(folder)
 
 
-def _full(t):
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-
-
 def _gathered(t):
     """A gradient as a list of every rank's piece: [the full tensor] for a DTensor (and in
     one process); each rank's local tensor for the plain local shards older transformers
@@ -48,7 +44,7 @@ def _gathered(t):
     import torch.distributed as dist
 
     if hasattr(t, "full_tensor") or not dist.is_initialized():
-        return [_full(t)]
+        return [full(t)]
     pieces = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(pieces, t.detach().contiguous())
     return pieces
@@ -220,16 +216,9 @@ def train_hf_single(steps: int, batch: int, patched: bool):
     model = LlamaForCausalLM(hf_config())
     if patched:
         llama_fast.patch(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
     with llama_fast.backend("torch"):
-        for tokens in data(steps, batch):
-            loss = _hf_loss(model, tokens)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = adamw_steps(model, data(steps, batch), lambda tokens: _hf_loss(model, tokens))
+    return losses, full_params(model)
 
 
 def accelerate_fsdp2_worker(rank: int, world: int, init_file: str, out: str, steps: int, batch: int) -> None:
@@ -285,7 +274,7 @@ def accelerate_fsdp2_worker(rank: int, world: int, init_file: str, out: str, ste
             mean = loss.detach().float().clone()
             dist.all_reduce(mean)
             losses.append(mean.item() / world)
-        params = {n: _full(p) for n, p in model.named_parameters()}
+        params = full_params(model)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "sharded": sharded,
                         "chosen": chosen, "is_fsdp2": is_fsdp2,
