@@ -8,6 +8,7 @@ Triton launchers in ``llama_fast.kernels`` take and return the same things.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from llama_fast import _alloc
 
@@ -408,6 +409,112 @@ def linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_sca
     return (total * scale if reduction == "mean" else total), gh, gw, gb
 
 
+# The vocabulary-parallel fused cross-entropy (llama_fast.ops._cross_entropy_vocab_parallel):
+# each rank holds rows [offset, offset + V_local) of the weight. Per chunk, a statistics step
+# reads the shard's logits once; the ranks combine the statistics (two all-reduces); a
+# gradient step turns the logits into their gradient given the global log-sum-exp. The
+# steps are the backend's (``chunk_fn``: the Triton kernels, or the two below).
+
+
+def vocab_shard_stats(logits, target, offset, label_smoothing):
+    """Per-row statistics of a vocabulary shard's logits (rows, V_local), V_local >= 1:
+    float32 (4, rows) holding the shard's max m, the sum of exp(z - m), the target's logit
+    (0 when ``target - offset`` is outside the shard) and, with label smoothing, the sum of
+    the logits (else 0)."""
+    z = logits.to(F32)
+    v = z.shape[1]
+    local = target - offset
+    here = (local >= 0) & (local < v)
+    m = z.amax(1)
+    z_y = torch.where(here, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
+    total = z.sum(1) if label_smoothing else torch.zeros_like(m)
+    s = (z - m[:, None]).exp_().sum(1)
+    return torch.stack([m, s, z_y, total])
+
+
+def vocab_shard_grad(logits, target, lse, scale, offset, vocab, ignore_index, label_smoothing):
+    """Overwrites a shard's logits (rows, V_local) with ``scale * (exp(z - lse) - eps / vocab
+    - (1 - eps) * onehot(target - offset))``, ``lse`` the float32 log-sum-exp over the whole
+    vocabulary; zero rows for ignored tokens. ``scale``: float32, one element or one per row."""
+    z = logits.to(F32)
+    v = z.shape[1]
+    g = z.sub_(lse[:, None]).exp_()
+    if label_smoothing:
+        g.sub_(label_smoothing / vocab)
+    ignored = target == ignore_index
+    local = target - offset
+    hit = (local >= 0) & (local < v) & ~ignored
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows[hit], local[hit]] -= 1.0 - label_smoothing
+    row_scale = torch.where(ignored, 0.0, scale.expand(target.shape))  # not 0 * inf: "mean" of no tokens
+    g.mul_(row_scale[:, None])
+    if g.data_ptr() != logits.data_ptr():
+        logits.copy_(g)
+
+
+def linear_cross_entropy_vocab_shard(hidden, weight, target, bias, offset, vocab, group, ignore_index,
+                                     label_smoothing, reduction, chunk_size, grads, row_scale,
+                                     grad_accumulation="auto", chunk_fn=(vocab_shard_stats, vocab_shard_grad)):
+    """Registry entry "linear_cross_entropy_vocab_shard": ``linear_cross_entropy`` for this
+    rank's vocabulary shard ``weight`` (V_local, H) (and ``bias``), rows [offset, offset +
+    V_local) of a ``vocab``-row weight, with the ranks of process group ``group``; every
+    rank passes every token. Returns ``(loss, grad_hidden, grad_weight, grad_bias)``: the
+    loss over the whole vocabulary (the same on every rank), this rank's partial sum of the
+    hidden states' gradient, its shard's weight and bias gradients. Two all-reduces per
+    chunk: the max (MAX), then the rescaled sum of exps, the target's logit and the sum of
+    the logits (SUM, stacked)."""
+    stats_fn, grad_fn = chunk_fn
+    n, h = hidden.shape
+    v_local = weight.shape[0]
+    want_h, want_w, want_b = grads
+    want_b = want_b and bias is not None
+    compute_grad = want_h or want_w or want_b
+    chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, max(1, v_local))))
+    dev = hidden.device
+    scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
+                                                  (want_h, want_w, want_b), chunk, grad_accumulation)
+    buf = _alloc.empty((chunk, v_local), hidden.dtype, dev) if n else None
+    wt = weight.t()
+    for i0 in range(0, n, chunk):
+        x, y = hidden[i0:i0 + chunk], target[i0:i0 + chunk]
+        logits = buf[:x.shape[0]]
+        if bias is None:
+            torch.mm(x, wt, out=logits)
+        else:
+            torch.addmm(bias, x, wt, out=logits)
+        if v_local:
+            m_local, s, z_y, z_sum = stats_fn(logits, y, offset, label_smoothing)
+        else:  # an empty shard (V < ranks): it adds nothing
+            m_local = torch.full((x.shape[0],), float("-inf"), dtype=F32, device=dev)
+            s = z_y = z_sum = torch.zeros_like(m_local)
+        m = m_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        # Each shard's sum was relative to its own max: rescaled to the global one.
+        stats = torch.stack([s * torch.exp(m_local - m), z_y, z_sum])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        s, z_y, z_sum = stats
+        lse = m + s.log()
+        ignored = y == ignore_index
+        z_y = torch.where((y >= 0) & (y < vocab) | ignored, z_y, float("nan"))
+        loss = lse - z_y
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_sum / vocab)
+        losses[i0:i0 + chunk] = torch.where(ignored, 0.0, loss)
+        if not compute_grad:
+            continue
+        if v_local:
+            chunk_scale = scale if scale.numel() == 1 else scale[i0:i0 + chunk]
+            grad_fn(logits, y, lse, chunk_scale, offset, vocab, ignore_index, label_smoothing)
+        if want_h:
+            torch.mm(logits, weight, out=gh[i0:i0 + chunk])
+        if want_w:
+            accumulate_weight_grad(gw, logits.t(), x, first=i0 == 0)
+        if want_b:
+            gb += logits.sum(0, dtype=F32)
+    del buf
+    return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
+
+
 # Backend "torch": every op of the dispatcher, by its name (the other backends implement
 # some or all of these, with the same signatures).
 IMPLEMENTATIONS = {
@@ -416,5 +523,5 @@ IMPLEMENTATIONS = {
     "swiglu_fwd": swiglu_fwd, "swiglu_bwd": swiglu_bwd,
     "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "attn_varlen_fwd": attn_varlen_fwd, "attn_varlen_bwd": attn_varlen_bwd,
     "decode": decode,
-    "linear_cross_entropy": linear_cross_entropy,
+    "linear_cross_entropy": linear_cross_entropy, "linear_cross_entropy_vocab_shard": linear_cross_entropy_vocab_shard,
 }

@@ -6,7 +6,8 @@ Everything here uses the "torch" backend (LLAMA_FAST_BACKEND=torch in the worker
 ``llama_fast.backend("torch")`` in the single-process runs): the PyTorch reference of the
 llama_fast ops, still called through the custom ops and the patched modules. The Triton
 kernels would run on the CPU only under the Triton interpreter, far too slowly for a
-training loop in several processes.
+training loop in several processes; the one exception is ``vocab_parallel_op_worker``,
+which also runs its tiny cases on the triton backend under the interpreter.
 """
 from __future__ import annotations
 
@@ -324,10 +325,15 @@ def vocab_parallel_inputs(case):
     return hidden, weight, bias, target, upstream
 
 
+VP_BACKENDS = ("torch", "triton")  # triton: the Triton kernels under the interpreter (TRITON_INTERPRET=1)
+
+
 def vocab_parallel_op_worker(rank: int, world: int, init_file: str, out: str) -> None:
     """fused_linear_cross_entropy with the weight (and bias) sharded on the vocabulary over
-    the ranks, for every VOCAB_PARALLEL_CASES case: rank 0 saves the loss and the full
-    gradients of hidden, weight and bias, and the collectives the forward ran."""
+    the ranks, for every VOCAB_PARALLEL_CASES case on each of VP_BACKENDS: rank 0 saves,
+    per backend and case, the loss and the full gradients of hidden, weight and bias, and
+    the collectives the forward ran."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     with rank_session(rank, world, init_file, out):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -337,32 +343,70 @@ def vocab_parallel_op_worker(rank: int, world: int, init_file: str, out: str) ->
 
         mesh = init_device_mesh("cpu", (world,))
         results = {}
-        for case in VOCAB_PARALLEL_CASES:
-            name, _, layout, target_dt, _, reduction, _, smoothing = case
-            hidden, weight, bias, target, upstream = vocab_parallel_inputs(case)
-            if layout == "replicated":
-                h = hidden.clone().requires_grad_()
-            else:
-                h = distribute_tensor(hidden, mesh, [Shard(1)]).requires_grad_()
-            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
-            b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_() if bias is not None else None
-            t = distribute_tensor(target, mesh, [Shard(1)]) if target_dt else target
-            with CommDebugMode() as comm:
-                loss = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
-                                                             label_smoothing=smoothing, chunk_size=VP_CHUNK)
-            loss.backward(upstream.to(loss.dtype))
-            with torch.no_grad():  # the same loss, no gradient computed
-                loss_no_grad = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+        for backend_name in VP_BACKENDS:
+            for case in VOCAB_PARALLEL_CASES:
+                name, _, layout, target_dt, _, reduction, _, smoothing = case
+                hidden, weight, bias, target, upstream = vocab_parallel_inputs(case)
+                if layout == "replicated":
+                    h = hidden.clone().requires_grad_()
+                else:
+                    h = distribute_tensor(hidden, mesh, [Shard(1)]).requires_grad_()
+                w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+                b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_() if bias is not None else None
+                t = distribute_tensor(target, mesh, [Shard(1)]) if target_dt else target
+                with llama_fast.backend(backend_name):
+                    with CommDebugMode() as comm:
+                        loss = llama_fast.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
                                                                      label_smoothing=smoothing, chunk_size=VP_CHUNK)
+                    loss.backward(upstream.to(loss.dtype))
+                    with torch.no_grad():  # the same loss, no gradient computed
+                        loss_no_grad = llama_fast.fused_linear_cross_entropy(
+                            h, w, t, bias=b, reduction=reduction, label_smoothing=smoothing, chunk_size=VP_CHUNK)
 
-            def full(x):
-                return x.full_tensor() if hasattr(x, "full_tensor") else x
-            results[name] = {
-                "loss": loss.detach(), "loss_no_grad": loss_no_grad, "placements": [tuple(w.grad.placements)],
-                "grad_hidden": full(h.grad), "grad_weight": full(w.grad),
-                "grad_bias": full(b.grad) if b is not None else None,
-                "counts": {str(op): n for op, n in comm.get_comm_counts().items()},
-            }
+                results[backend_name, name] = {
+                    "loss": loss.detach(), "loss_no_grad": loss_no_grad, "placements": [tuple(w.grad.placements)],
+                    "grad_hidden": full(h.grad), "grad_weight": full(w.grad),
+                    "grad_bias": full(b.grad) if b is not None else None,
+                    "counts": {str(op): n for op, n in comm.get_comm_counts().items()},
+                }
+        if rank == 0:
+            torch.save(results, out)
+
+
+def vocab_parallel_compile_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """A training step through the vocabulary-parallel loss under torch.compile and eagerly
+    (the torch backend): a replicated projection and rms_norm before the loss, the output
+    weight sharded on the vocabulary. Rank 0 saves both runs' losses and full gradients,
+    and dynamo's graph count and graph-break reasons for the step."""
+    with rank_session(rank, world, init_file, out):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        import llama_fast
+
+        mesh = init_device_mesh("cpu", (world,))
+        hidden, weight, _, target, _ = vocab_parallel_inputs(VOCAB_PARALLEL_CASES[2])
+        g = torch.Generator().manual_seed(3)
+        proj = torch.randn(hidden.shape[-1], hidden.shape[-1], generator=g) * 0.3
+
+        def step(x, proj_w, norm_w, out_w, y):
+            h = llama_fast.rms_norm(x @ proj_w, norm_w)
+            return llama_fast.fused_linear_cross_entropy(h, out_w, y, label_smoothing=0.1, chunk_size=VP_CHUNK)
+
+        results = {}
+        for mode, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager"))):
+            p = proj.clone().requires_grad_()
+            n = torch.ones(hidden.shape[-1], requires_grad=True)
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+            loss = fn(hidden, p, n, w, target)
+            loss.backward()
+            results[mode] = {"loss": loss.detach(), "grad_proj": p.grad, "grad_norm": n.grad,
+                             "grad_weight": full(w.grad)}
+        w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+        explained = torch._dynamo.explain(step)(hidden, proj.clone().requires_grad_(),
+                                                torch.ones(hidden.shape[-1], requires_grad=True), w, target)
+        results["breaks"] = [str(b.reason) for b in explained.break_reasons]
+        results["graphs"] = explained.graph_count
         if rank == 0:
             torch.save(results, out)
 

@@ -364,36 +364,56 @@ def test_vocab_parallel_cross_entropy_matches_float64(tmp_path):
     tokens: 4 and 3), the target plain or a DTensor, 4 chunks of tokens: the loss and the
     gradients of hidden, of each weight shard and of the bias against one process in
     float64, for every reduction, ignored tokens (all of them too), label smoothing and
-    bfloat16. The forward gathers nothing of the weight or the logits: its collectives are
+    bfloat16, on the torch backend and on the triton one (its statistics and gradient
+    kernels, under the Triton interpreter). The forward gathers nothing of the weight or the logits: its collectives are
     the hidden states' gather (when sequence-sharded), the target's, and two all-reduces per
     chunk (max, then the stacked sums)."""
     from torch.distributed.tensor import Shard
 
     got = spawn(tmp_path, W.vocab_parallel_op_worker)
-    for case in W.VOCAB_PARALLEL_CASES:
-        name, dtype, layout, target_dt, _, reduction, ignore, _ = case
-        r = got[name]
-        torch.testing.assert_close(r["loss_no_grad"], r["loss"], rtol=0, atol=0, equal_nan=True)
-        assert not r["loss_no_grad"].requires_grad
-        loss, gh, gw, gb = _float64_cross_entropy(case)
-        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
-        if ignore == "all":  # "mean" over no token: NaN, as F.cross_entropy; the gradients are 0
-            assert torch.isnan(r["loss"]) and torch.isnan(loss)
-            assert not r["grad_hidden"].any() and not r["grad_weight"].any()
-            continue
-        torch.testing.assert_close(r["loss"].double(), loss, **tol, msg=lambda m: f"{name} loss: {m}")
-        for what, ref in (("grad_hidden", gh), ("grad_weight", gw), ("grad_bias", gb)):
-            if ref is None:
-                assert r[what] is None, (name, what)
+    for backend_name in W.VP_BACKENDS:
+        for case in W.VOCAB_PARALLEL_CASES:
+            name, dtype, layout, target_dt, _, reduction, ignore, _ = case
+            where = f"{backend_name} {name}"
+            r = got[backend_name, name]
+            torch.testing.assert_close(r["loss_no_grad"], r["loss"], rtol=0, atol=0, equal_nan=True)
+            assert not r["loss_no_grad"].requires_grad
+            loss, gh, gw, gb = _float64_cross_entropy(case)
+            tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+            if ignore == "all":  # "mean" over no token: NaN, as F.cross_entropy; the gradients are 0
+                assert torch.isnan(r["loss"]) and torch.isnan(loss)
+                assert not r["grad_hidden"].any() and not r["grad_weight"].any()
                 continue
-            assert r[what].dtype == dtype, (name, what, r[what].dtype)
-            torch.testing.assert_close(r[what].double(), ref, **tol, msg=lambda m: f"{name} {what}: {m}")
-        assert r["placements"] == [(Shard(0),)]
-        counts = r["counts"]
-        chunks = -(-VP_TOKENS // W.VP_CHUNK)
-        assert counts.get("c10d.allreduce_", 0) == 2 * chunks, (name, counts)
-        gathers = (layout != "replicated") + target_dt
-        assert counts.get("c10d_functional.all_gather_into_tensor", 0) == gathers, (name, counts)
+            torch.testing.assert_close(r["loss"].double(), loss, **tol, msg=lambda m: f"{where} loss: {m}")
+            for what, ref in (("grad_hidden", gh), ("grad_weight", gw), ("grad_bias", gb)):
+                if ref is None:
+                    assert r[what] is None, (where, what)
+                    continue
+                assert r[what].dtype == dtype, (where, what, r[what].dtype)
+                torch.testing.assert_close(r[what].double(), ref, **tol, msg=lambda m: f"{where} {what}: {m}")
+            assert r["placements"] == [(Shard(0),)]
+            counts = r["counts"]
+            chunks = -(-VP_TOKENS // W.VP_CHUNK)
+            assert counts.get("c10d.allreduce_", 0) == 2 * chunks, (where, counts)
+            gathers = (layout != "replicated") + target_dt
+            assert counts.get("c10d_functional.all_gather_into_tensor", 0) == gathers, (where, counts)
+
+
+def test_vocab_parallel_cross_entropy_under_torch_compile(tmp_path):
+    """A training step whose loss is the vocabulary-parallel fused cross-entropy, compiled
+    with torch.compile on 2 gloo ranks: the loss runs eagerly inside the compiled step (a
+    graph break, ``torch._dynamo.disable``), and the loss and the gradients of every
+    parameter (the projection and norm before the loss, the weight's shards) equal the eager
+    step's."""
+    got = spawn(tmp_path, W.vocab_parallel_compile_worker)
+    eager, compiled = got["eager"], got["compiled"]
+    # One graph before the loss, and the loss's own clean break: nothing else breaks the step.
+    assert got["graphs"] == 1, got
+    assert got["breaks"] and all("vocabulary-parallel cross-entropy runs eagerly" in b for b in got["breaks"]), got
+    assert torch.isfinite(eager["loss"])
+    for what in ("loss", "grad_proj", "grad_norm", "grad_weight"):
+        assert eager[what].abs().sum() > 0, what
+        torch.testing.assert_close(compiled[what], eager[what], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
 VP_TOKENS = W.VP_SHAPE[0] * W.VP_SHAPE[1]

@@ -35,10 +35,18 @@ into several ops (a Partial("max") op, then a sum op) it would compute each chun
 twice and still lack the offset. So the op takes the DTensors, runs its chunks on the local
 tensors and calls the mesh's process group itself.
 
-Per-chunk math here is PyTorch (float32 softmax, the logits' matmuls in the inputs' dtype
-with float32 accumulation): the Triton kernel of the single-device op computes the
-log-sum-exp of its own row, not a cross-rank one. Eager mode only (the collectives run
-inside an autograd.Function, which torch.compile is not asked to trace).
+The chunked loop is the backend's op "linear_cross_entropy_vocab_shard"
+(``reference.linear_cross_entropy_vocab_shard``, dispatched as every op): per chunk a
+statistics step reads the shard's logits once (local max, sum of exp relative to it, the
+target's logit, the sum of the logits), the ranks combine the statistics (MAX, then the
+sums rescaled to the global max, SUM), and a gradient step turns the logits into their
+gradient in place given the global log-sum-exp. On the triton backend both steps are
+Triton kernels (kernels/cross_entropy.py); on the torch backend, PyTorch.
+
+torch.compile: the op is one clean graph break (``torch.compiler.disable``): a compiled
+step compiles the code around it and runs the loss eagerly (collectives in an
+autograd.Function, the targets checked on the host), so ``fullgraph=True`` refuses it.
+Tracing it with functional collectives inside a custom op is not done.
 """
 from __future__ import annotations
 
@@ -47,10 +55,14 @@ import sys
 import torch
 from torch import Tensor
 
-from llama_fast.reference import (F32, accumulate_weight_grad, linear_ce_chunk_rows, linear_ce_outputs,
-                                  linear_ce_result)
+from llama_fast.backends import run
+from llama_fast.op_names import describe
+from llama_fast.reference import F32
 
 from ._checks import check_class_indices
+
+OP = "linear_cross_entropy_vocab_shard"
+describe(OP, "fused_linear_cross_entropy", "vocabulary-parallel")
 
 
 def dtensor_class():
@@ -86,7 +98,24 @@ def _shard_offset(vocab: int, local_rows: int, mesh) -> int:
     return offset
 
 
-def vocab_parallel_cross_entropy(hidden, weight, target, bias, ignore_index: int, reduction: str,
+def vocab_parallel_cross_entropy(*args) -> Tensor:
+    """``eager_vocab_parallel_cross_entropy`` outside torch.compile's tracing: one clean
+    graph break. The loss runs eagerly inside a compiled step (the code before and after it
+    compiled, its gradients flowing back into the compiled graph): its chunks issue c10d
+    all-reduces from inside an autograd.Function and check the targets on the host, which
+    dynamo would otherwise split into many graph breaks. The wrapper is made on first use:
+    ``torch.compiler.disable`` imports dynamo, which imports triton, and ``import llama_fast``
+    must not (TRITON_INTERPRET stays settable after it)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(eager_vocab_parallel_cross_entropy, reason=EAGER_REASON))
+    return _EAGER[0](*args)
+
+
+EAGER_REASON = "the vocabulary-parallel cross-entropy runs eagerly (process-group collectives per chunk)"
+_EAGER: list = []
+
+
+def eager_vocab_parallel_cross_entropy(hidden, weight, target, bias, ignore_index: int, reduction: str,
                                  label_smoothing: float, chunk_size: int, grad_accumulation: str) -> Tensor:
     """The loss of ``fused_linear_cross_entropy`` for a vocabulary-sharded ``weight``
     (``is_vocab_sharded``); the arguments are already checked against the global shapes.
@@ -155,58 +184,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def shard_pass(hidden, weight, target, bias, config, grads, row_scale):
-    """One chunked pass over this rank's vocabulary shard (the collectives included):
-    ``(loss, grad_hidden (partial), grad_weight_shard, grad_bias_shard)`` as
-    ``reference.linear_cross_entropy`` returns them, for the shard's rows."""
-    import torch.distributed as dist
-
+    """One chunked pass over this rank's vocabulary shard (the collectives included), on the
+    backend the dispatcher picks: ``(loss, grad_hidden (partial), grad_weight_shard,
+    grad_bias_shard)`` as ``reference.linear_cross_entropy_vocab_shard`` returns them."""
     offset, vocab, group, ignore_index, label_smoothing, reduction, chunk_size, grad_accumulation = config
-    n, h = hidden.shape
-    v_local = weight.shape[0]
-    want_h, want_w, want_b = grads
-    compute_grad = want_h or want_w or want_b
-    chunk = max(1, min(n, chunk_size or linear_ce_chunk_rows(n, h, max(1, v_local))))
-    dev = hidden.device
-    scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
-                                                  grads, chunk, grad_accumulation)
-    for i0 in range(0, n, chunk):
-        x, y = hidden[i0:i0 + chunk], target[i0:i0 + chunk]
-        rows = torch.arange(x.shape[0], device=dev)
-        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # the inputs' dtype
-        z = logits.to(F32)
-        ignored = y == ignore_index
-        local_y = y - offset
-        here = (local_y >= 0) & (local_y < v_local) & ~ignored  # the target's row is in this shard
-        m = z.amax(1) if v_local else torch.full((x.shape[0],), float("-inf"), dtype=F32, device=dev)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        if v_local:
-            z_y = torch.where(here, z[rows, local_y.clamp(0, v_local - 1)], 0.0)
-        else:  # an empty shard (V < ranks)
-            z_y = m.new_zeros(m.shape)
-        z_sum = z.sum(1) if label_smoothing else torch.zeros_like(m)
-        p = z.sub_(m[:, None]).exp_()  # in place: z is a float32 copy, or the float32 logits themselves
-        stats = torch.stack([p.sum(1), z_y, z_sum])
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        s, z_y, z_sum = stats
-        lse = m + s.log()
-        z_y = torch.where((y >= 0) & (y < vocab) | ignored, z_y, float("nan"))
-        loss = lse - z_y
-        if label_smoothing:
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_sum / vocab)
-        losses[i0:i0 + chunk] = torch.where(ignored, 0.0, loss)
-        if not compute_grad:
-            continue
-        chunk_scale = (scale.expand(y.shape) if scale.numel() == 1 else scale[i0:i0 + chunk])
-        chunk_scale = torch.where(ignored, 0.0, chunk_scale)  # not 0 * inf: "mean" of no tokens
-        g = p.div_(s[:, None])
-        if label_smoothing:
-            g.sub_(label_smoothing / vocab)
-        g[rows[here], local_y[here]] -= 1.0 - label_smoothing
-        g = g.mul_(chunk_scale[:, None]).to(hidden.dtype)
-        if want_h:
-            torch.mm(g, weight, out=gh[i0:i0 + chunk])
-        if want_w:
-            accumulate_weight_grad(gw, g.t(), x, first=i0 == 0)
-        if want_b:
-            gb += g.sum(0, dtype=F32)
-    return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
+    return run(OP, hidden.device, hidden, weight, target, bias, offset, vocab, group, ignore_index, label_smoothing,
+               reduction, chunk_size, grads, row_scale, grad_accumulation)

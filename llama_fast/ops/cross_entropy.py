@@ -203,7 +203,7 @@ def fused_linear_cross_entropy(
     DTensors on the same mesh (a sequence-sharded hidden is gathered) or plain tensors
     equal on every rank, ``bias`` sharded as the weight; the loss is a plain tensor, equal
     on every rank; the weight's gradient is its shard, the hidden's a DTensor partial sum
-    reduced by DTensor. Eager mode only there.
+    reduced by DTensor. Under torch.compile that path is a graph break (it runs eagerly).
     """
     _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_size, grad_accumulation)
     if is_dtensor(weight):
