@@ -352,25 +352,35 @@ def linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoot
     scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
                                                   (want_h, want_w, want_b), chunk, grad_accumulation)
     buf = _alloc.empty((chunk, v), hidden.dtype, dev) if n else None
-    wt = weight.t()
     for i0 in range(0, n, chunk):
         x = hidden[i0 : i0 + chunk]
-        logits = buf[: x.shape[0]]
-        if bias is None:
-            torch.mm(x, wt, out=logits)
-        else:
-            torch.addmm(bias, x, wt, out=logits)
+        logits = _chunk_logits(buf, x, weight, bias)
         chunk_scale = scale if scale.numel() == 1 else scale[i0 : i0 + chunk]
         loss, _ = chunk_fn(logits, target[i0 : i0 + chunk], chunk_scale, ignore_index, label_smoothing, compute_grad)
         losses[i0 : i0 + chunk] = loss
-        if want_h:
-            torch.mm(logits, weight, out=gh[i0 : i0 + chunk])
-        if want_w:
-            accumulate_weight_grad(gw, logits.t(), x, first=i0 == 0)
-        if want_b:
-            gb += logits.sum(0, dtype=F32)
+        _add_chunk_grads(logits, x, weight, i0, gh, gw, gb, (want_h, want_w, want_b))
     del buf
     return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
+
+
+def _chunk_logits(buf, x, weight, bias):
+    """The chunk's logits ``x @ weight.T (+ bias)``, written into the reused buffer."""
+    logits = buf[: x.shape[0]]
+    if bias is None:
+        return torch.mm(x, weight.t(), out=logits)
+    return torch.addmm(bias, x, weight.t(), out=logits)
+
+
+def _add_chunk_grads(dlogits, x, weight, i0, gh, gw, gb, grads) -> None:
+    """The chunk's share of the gradients from its logits' gradient: its rows of the hidden
+    states' (written), the weight's and the bias's (summed over the chunks)."""
+    want_h, want_w, want_b = grads
+    if want_h:
+        torch.mm(dlogits, weight, out=gh[i0 : i0 + x.shape[0]])
+    if want_w:
+        accumulate_weight_grad(gw, dlogits.t(), x, first=i0 == 0)
+    if want_b:
+        gb += dlogits.sum(0, dtype=F32)
 
 
 def linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale, grads, chunk, grad_accumulation):
@@ -474,14 +484,9 @@ def linear_cross_entropy_vocab_shard(hidden, weight, target, bias, offset, vocab
     scale, losses, gh, gw, gb = linear_ce_outputs(hidden, weight, target, ignore_index, reduction, row_scale,
                                                   (want_h, want_w, want_b), chunk, grad_accumulation)
     buf = _alloc.empty((chunk, v_local), hidden.dtype, dev) if n else None
-    wt = weight.t()
     for i0 in range(0, n, chunk):
         x, y = hidden[i0:i0 + chunk], target[i0:i0 + chunk]
-        logits = buf[:x.shape[0]]
-        if bias is None:
-            torch.mm(x, wt, out=logits)
-        else:
-            torch.addmm(bias, x, wt, out=logits)
+        logits = _chunk_logits(buf, x, weight, bias)
         if v_local:
             m_local, s, z_y, z_sum = stats_fn(logits, y, offset, label_smoothing)
         else:  # an empty shard (V < ranks): it adds nothing
@@ -505,12 +510,7 @@ def linear_cross_entropy_vocab_shard(hidden, weight, target, bias, offset, vocab
         if v_local:
             chunk_scale = scale if scale.numel() == 1 else scale[i0:i0 + chunk]
             grad_fn(logits, y, lse, chunk_scale, offset, vocab, ignore_index, label_smoothing)
-        if want_h:
-            torch.mm(logits, weight, out=gh[i0:i0 + chunk])
-        if want_w:
-            accumulate_weight_grad(gw, logits.t(), x, first=i0 == 0)
-        if want_b:
-            gb += logits.sum(0, dtype=F32)
+        _add_chunk_grads(logits, x, weight, i0, gh, gw, gb, (want_h, want_w, want_b))
     del buf
     return linear_ce_result(losses, scale, gh, gw, gb, weight, bias, reduction, row_scale)
 
